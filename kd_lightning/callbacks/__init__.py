@@ -1,0 +1,3 @@
+from kd_lightning.callbacks.checkpoint import KDModelCheckpoint
+
+__all__ = ["KDModelCheckpoint"]

@@ -1,0 +1,14 @@
+"""DataModules. Every batch is a dict ``{"image", "label", "index"}``."""
+
+from kd_lightning.data.base import KDDataModule
+from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from kd_lightning.data.mnist import BundledMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
+
+__all__ = [
+    "BundledMNISTDataModule",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "FashionMNISTDataModule",
+    "KDDataModule",
+    "MNISTDataModule",
+]

@@ -1,0 +1,103 @@
+"""CIFAR-10/100 DataModules over the official "python version" pickle batches.
+
+torchvision downloads and md5-verifies the archive (``download=true``); loading reads the
+pickled batches directly so that a truncated or foreign file gets an error that names it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision import transforms as T
+
+from kd_lightning.data.base import KDDataModule
+from kd_lightning.errors import ConfigError
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class CIFAR10DataModule(KDDataModule):
+    """CIFAR-10 from ``{data_dir}/cifar-10-batches-py``. Training uses random-crop
+    (padding 4) and horizontal flip; val/test are only normalised."""
+
+    num_classes = 10
+    input_shape = (3, 32, 32)
+    mean, std = CIFAR10_MEAN, CIFAR10_STD
+    folder = "cifar-10-batches-py"
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
+    label_key = "labels"
+
+    def _torchvision_class(self):
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10
+
+    def download_data(self) -> None:
+        cls = self._torchvision_class()
+        cls(self.data_dir, train=True, download=True)
+
+    def augmentations(self) -> list:
+        return [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+
+    def load_arrays(self, train: bool) -> tuple[Tensor, Tensor]:
+        root = Path(self.data_dir) / self.folder
+        names = self.train_files if train else self.test_files
+        missing = [n for n in names if not (root / n).exists()]
+        if missing:
+            raise ConfigError(
+                "data.data_dir",
+                self.data_dir,
+                f"{type(self).__name__}: {missing} missing from {root}. Set data.download=true "
+                "(needs internet) or extract the official python-version archive there.",
+            )
+        images, labels = [], []
+        for name in names:
+            data, target = self._read_batch(root / name)
+            images.append(data)
+            labels.extend(target)
+        array = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(labels, dtype=torch.long)
+
+    def _read_batch(self, path: Path) -> tuple[np.ndarray, list[int]]:
+        try:
+            with open(path, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            data = np.asarray(entry["data"], dtype=np.uint8)
+            target = list(entry[self.label_key])
+        except Exception as err:  # truncated pickle, wrong file, missing keys
+            raise ConfigError(
+                "data.data_dir",
+                self.data_dir,
+                f"{path} is corrupt or not a {type(self).__name__} batch ({err!r}); "
+                "delete the folder and re-download with data.download=true",
+            ) from None
+        if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(target):
+            raise ConfigError(
+                "data.data_dir",
+                self.data_dir,
+                f"{path} holds data of shape {data.shape} with {len(target)} labels; "
+                "expected (N, 3072) and N labels: the file is truncated or foreign",
+            )
+        return data, target
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """CIFAR-100 (fine labels) from ``{data_dir}/cifar-100-python``."""
+
+    num_classes = 100
+    mean, std = CIFAR100_MEAN, CIFAR100_STD
+    folder = "cifar-100-python"
+    train_files = ("train",)
+    test_files = ("test",)
+    label_key = "fine_labels"
+
+    def _torchvision_class(self):
+        from torchvision.datasets import CIFAR100
+
+        return CIFAR100

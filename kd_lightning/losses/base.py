@@ -1,0 +1,92 @@
+"""The loss-head interface. A new KD method is one subclass in one file plus one YAML.
+
+A head gets ``(student, teacher, batch)`` and returns a scalar. It declares which named
+layers it needs through ``student_layers``/``teacher_layers``; the DistillationModule hooks
+only those. Heads that need trainable adapters (connectors, embeddings) create them in
+``build`` from the feature shapes of a dummy forward, so the adapters are student-side,
+in the optimizer and in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.schedules import Schedule
+
+Batch = dict[str, Tensor]
+
+
+class LossHead(nn.Module):
+    """Base class of every loss term.
+
+    Args:
+        weight: multiplier of this term in the total loss (≥ 0).
+        schedule: optional factor on ``weight`` over training, e.g. ``LinearWarmup``.
+        name: the log key suffix: the term is logged as ``{stage}/loss_{name}``.
+    """
+
+    #: default log name of the head (``train/loss_<name>``)
+    default_name: str = "head"
+    #: whether the head reads ``batch["label"]``; unlabelled samples (label < 0) are
+    #: then masked out by the head itself.
+    uses_labels: bool = False
+
+    def __init__(
+        self, weight: float = 1.0, schedule: Schedule | None = None, name: str | None = None
+    ) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ConfigError(f"{type(self).__name__}.weight", weight, "use a weight >= 0")
+        self.weight = float(weight)
+        self.schedule = schedule
+        self.name = name or self.default_name
+
+    # -- what the head needs ---------------------------------------------------------
+    @property
+    def student_layers(self) -> Sequence[str]:
+        return ()
+
+    @property
+    def teacher_layers(self) -> Sequence[str]:
+        return ()
+
+    #: which teacher's features a feature head matches (multi-teacher runs)
+    teacher_index: int = 0
+
+    def build(
+        self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]
+    ) -> None:
+        """Create adapters from feature shapes (batch dimension included). Default: none."""
+
+    # -- the loss --------------------------------------------------------------------
+    def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def current_weight(self, epoch: int, step: int) -> float:
+        return self.weight * (self.schedule(epoch, step) if self.schedule else 1.0)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, weight={self.weight}"
+
+
+def check_temperature(head: str, temperature: float) -> float:
+    if temperature <= 0:
+        raise ConfigError(f"{head}.temperature", temperature, "use a temperature > 0 (e.g. 4)")
+    return float(temperature)
+
+
+def labelled(batch: Batch) -> Tensor:
+    """Boolean mask of samples with a label (unlabelled transfer-set samples carry -1)."""
+    return batch["label"] >= 0
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over ``mask``; an all-False mask gives a zero that still carries a graph."""
+    if mask.all():
+        return values.mean()
+    return (values * mask).sum() / mask.sum().clamp_min(1)

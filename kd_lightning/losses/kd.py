@@ -1,0 +1,33 @@
+"""Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd_lightning.losses.base import Batch, LossHead, check_temperature
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+
+
+class KLDivergence(LossHead):
+    """Soft-target KD: ``T² · KL(p_T^teacher ‖ p_T^student)``, averaged over the batch.
+
+    The T² factor keeps the gradient scale independent of T (Hinton et al. 2015, §2).
+    Uses every sample, labelled or not.
+
+    Args:
+        temperature: softening temperature T > 0 (RepDistiller/mdistiller use 4).
+    """
+
+    default_name = "kd"
+
+    def __init__(self, weight: float = 1.0, temperature: float = 4.0, **kwargs) -> None:
+        super().__init__(weight, **kwargs)
+        self.temperature = check_temperature("KLDivergence", temperature)
+
+    def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
+        t = self.temperature
+        log_p_s = F.log_softmax(student.logits.float() / t, dim=1)
+        log_p_t = teacher.log_probs(t)
+        kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+        return kl * t * t

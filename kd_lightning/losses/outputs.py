@@ -1,0 +1,66 @@
+"""What a loss head sees: the student's and the teacher(s)' outputs for one batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelOutput:
+    """Logits plus the named feature maps that the configured heads asked for."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherOutput:
+    """One or more frozen teachers. Logit heads read the (weighted) ensemble.
+
+    For a single teacher every method reduces to that teacher's own outputs.
+    The ensemble of distributions is the weighted mean of *probabilities*, which is
+    the standard way to average classifiers (it is not the softmax of mean logits).
+    """
+
+    members: list[ModelOutput]
+    weights: list[float] | None = None
+
+    def _w(self) -> list[float]:
+        if self.weights is None:
+            return [1.0 / len(self.members)] * len(self.members)
+        total = sum(self.weights)
+        return [w / total for w in self.weights]
+
+    @property
+    def logits(self) -> Tensor:
+        """Weighted mean of the members' logits (used by logit-regression heads)."""
+        if len(self.members) == 1:
+            return self.members[0].logits
+        return sum(w * m.logits.float() for w, m in zip(self._w(), self.members))
+
+    @property
+    def features(self) -> dict[str, Tensor]:
+        """The first teacher's features; heads pick another with ``member(i)``."""
+        return self.members[0].features
+
+    def member(self, index: int) -> ModelOutput:
+        return self.members[index]
+
+    def probs(self, temperature: float = 1.0) -> Tensor:
+        """Ensemble soft targets at ``temperature``, in fp32."""
+        return sum(
+            w * F.softmax(m.logits.float() / temperature, dim=1)
+            for w, m in zip(self._w(), self.members)
+        )
+
+    def log_probs(self, temperature: float = 1.0) -> Tensor:
+        if len(self.members) == 1:  # exact log-softmax, no log(softmax) round trip
+            return F.log_softmax(self.members[0].logits.float() / temperature, dim=1)
+        return torch.log(self.probs(temperature).clamp_min(1e-12))
+
+    def argmax(self) -> Tensor:
+        return self.probs().argmax(dim=1)

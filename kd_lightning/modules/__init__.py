@@ -1,0 +1,7 @@
+"""LightningModules: supervised classifier and knowledge distillation."""
+
+from kd_lightning.modules.classifier import ClassifierModule
+from kd_lightning.modules.distillation import DistillationModule
+from kd_lightning.modules.teacher import TeacherSpec
+
+__all__ = ["ClassifierModule", "DistillationModule", "TeacherSpec"]

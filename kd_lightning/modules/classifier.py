@@ -1,0 +1,78 @@
+"""ClassifierModule: trains teachers and from-scratch student baselines on labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from kd_lightning.models import create_model
+from kd_lightning.modules.base import BaseModule, check_input_shape
+from kd_lightning.modules.metrics import classifier_metrics
+
+
+class ClassifierModule(BaseModule):
+    """Supervised training of any registered network.
+
+    Args:
+        model: registered model name (``kd_lightning.models.list_models()``), or
+            ``tv:<name>``/``timm:<name>``.
+        model_kwargs: extra builder arguments, e.g. ``{hidden: [256, 256]}`` for ``mlp``.
+        num_classes: number of classes; linked from the DataModule by the CLI.
+        input_shape: (C, H, W) of the inputs; linked from the DataModule by the CLI.
+        label_smoothing: ε for label-smoothed CE.
+        optimizer, lr_scheduler: see ``BaseModule``.
+
+    Logs ``{train,val,test}/acc``, ``/ece`` (and ``/acc_top5`` above 10 classes) and ``/loss``.
+    """
+
+    monitor = "val/acc"
+
+    def __init__(
+        self,
+        model: str = "lenet5",
+        model_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        input_shape: tuple[int, int, int] = (1, 28, 28),
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.input_shape = check_input_shape(input_shape)
+        self.model = create_model(
+            model, num_classes, self.input_shape[0], field="model.model", **(model_kwargs or {})
+        )
+        self.label_smoothing = label_smoothing
+        self.train_metrics = classifier_metrics(num_classes, "train/")
+        self.val_metrics = classifier_metrics(num_classes, "val/")
+        self.test_metrics = classifier_metrics(num_classes, "test/")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _step(self, batch: dict[str, Tensor], stage: str, metrics) -> Tensor:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+        metrics.update(logits.detach(), batch["label"])
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", on_step=stage == "train",
+                 on_epoch=True, batch_size=len(logits))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val",
+                      batch_size=len(logits))
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self(batch["image"]).softmax(dim=1)

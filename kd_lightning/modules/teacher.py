@@ -1,0 +1,132 @@
+"""Frozen teachers: where they come from, how they are frozen, how they are identified.
+
+A teacher is rebuilt from its *source* (a ClassifierModule checkpoint, or a model name plus
+an optional weights file) every time a DistillationModule is constructed — on a fresh fit,
+on resume and in ``load_from_checkpoint`` — so it never needs to live in KD checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import create_model
+
+
+@dataclass
+class TeacherSpec:
+    """Where a teacher comes from.
+
+    Args:
+        checkpoint: a ClassifierModule ``.ckpt``; its architecture is read from the file.
+        model: a registered model name, used when there is no checkpoint (or to assert
+            the checkpoint's architecture).
+        model_kwargs: extra builder arguments for ``model``.
+        weights: optional ``state_dict`` file (``torch.save(model.state_dict())``) for ``model``.
+        weight: the teacher's weight in a multi-teacher ensemble.
+    """
+
+    checkpoint: str | None = None
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    weight: float = 1.0
+
+
+def _load_file(path: str, field_name: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            field_name, path, "no such file: train the teacher first (kd-lightning fit with a "
+            "ClassifierModule config) or fix the path"
+        )
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, random bytes, pickle errors
+        raise ConfigError(
+            field_name, path, f"the file is corrupt or truncated ({type(err).__name__}: {err}); "
+            "re-train or re-copy the teacher checkpoint"
+        ) from None
+
+
+def build_teacher(spec: TeacherSpec, num_classes: int, in_channels: int, field_name: str) -> nn.Module:
+    """Build and freeze one teacher from its spec."""
+    if spec.checkpoint:
+        ckpt = _load_file(spec.checkpoint, f"{field_name}.checkpoint")
+        hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in hparams:
+            raise ConfigError(
+                f"{field_name}.checkpoint", spec.checkpoint,
+                "this is not a ClassifierModule checkpoint; for a bare state_dict use "
+                f"{field_name}.model + {field_name}.weights",
+            )
+        arch = hparams["model"]
+        if spec.model and spec.model != arch:
+            raise ConfigError(
+                f"{field_name}.model", spec.model,
+                f"the checkpoint holds a {arch!r}; set {field_name}.model: {arch} or drop it",
+            )
+        teacher_classes = int(hparams.get("num_classes", num_classes))
+        if teacher_classes != num_classes:
+            raise ConfigError(
+                f"{field_name}.checkpoint", spec.checkpoint,
+                f"the teacher was trained for {teacher_classes} classes but the data has "
+                f"{num_classes}; use a teacher trained on this dataset",
+            )
+        kwargs = dict(hparams.get("model_kwargs") or {})
+        model = create_model(arch, num_classes, in_channels, field=f"{field_name}.model", **kwargs)
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        _load_state(model, state, f"{field_name}.checkpoint", spec.checkpoint)
+    elif spec.model:
+        model = create_model(
+            spec.model, num_classes, in_channels, field=f"{field_name}.model", **spec.model_kwargs
+        )
+        if spec.weights:
+            state = _load_file(spec.weights, f"{field_name}.weights")
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            _load_state(model, state, f"{field_name}.weights", spec.weights)
+    else:
+        raise ConfigError(
+            field_name, spec, "give a teacher `checkpoint`, or a `model` name (plus optional `weights`)"
+        )
+    return freeze(model)
+
+
+def _load_state(model: nn.Module, state: dict, field_name: str, path: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:3]
+        raise ConfigError(
+            field_name, path,
+            f"its weights do not fit {getattr(model, 'kd_name', type(model).__name__)!r} "
+            f"(different architecture?): {' '.join(s.strip() for s in first)}",
+        ) from None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients, permanently: ``train()`` on a frozen teacher is a no-op."""
+    model.eval()
+    model.requires_grad_(False)
+    model.train = _stay_in_eval.__get__(model)  # BN/dropout must never switch to train mode
+    return model
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A SHA-256 over every parameter and buffer: identifies the exact teacher weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
