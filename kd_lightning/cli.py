@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -51,6 +52,13 @@ class KDLightningCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
+    with warnings.catch_warnings():
+        # explicit args from tests/notebooks are intended; Lightning warns if sys.argv is also set
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        return _build_cli(args, run)
+
+
+def _build_cli(args: list[str] | None, run: bool) -> KDLightningCLI:
     return KDLightningCLI(
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,
