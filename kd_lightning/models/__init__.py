@@ -1,6 +1,17 @@
 """Model zoo. Importing this package registers every built-in architecture."""
 
-from kd_lightning.models import cifar_resnet, mnist  # noqa: F401  (registration side effects)
+# Registration side effects: every import below adds its models (or a name prefix).
+from kd_lightning.models import (  # noqa: F401
+    cifar_resnet,
+    mnist,
+    mobilenetv2,
+    shufflenetv1,
+    shufflenetv2,
+    timm_bridge,
+    torchvision_bridge,
+    vgg,
+    wrn,
+)
 from kd_lightning.models.registry import (
     create_model,
     get_entry,

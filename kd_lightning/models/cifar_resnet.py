@@ -1,9 +1,14 @@
 """CIFAR ResNets (He et al. 2016, §4.2), as RepDistiller and mdistiller define them.
 
 Depth 6n+2 with three stages of n BasicBlocks. Shortcuts that change shape use a 1×1
-conv + BN (option B), as in RepDistiller's ``resnet.py``; the published KD tables were
-made with this variant. Stable feature layers: ``stem``, ``layer1``-``layer3`` and
-``pool`` (the pre-logit embedding); ``fc`` is the classifier.
+conv + BN (option B), as in RepDistiller's ``resnet.py`` (also mdistiller's, torchdistill's
+and Knowledge-Distillation-Zoo's); the published KD tables were made with this variant. It
+has 2,752 more parameters than He et al.'s option A (zero-padding shortcuts) at every
+depth, e.g. 272,474 instead of 269,722 for resnet20 on CIFAR-10.
+
+Stable feature layers, in RepDistiller's ``is_feat`` order: ``stem`` (conv-BN-ReLU,
+``f0``), ``layer1``-``layer3`` (``f1``-``f3``) and ``pool`` (the pre-logit embedding,
+``f4``); ``fc`` is the classifier. RepDistiller's ``conv1/bn1`` are our ``stem.0/stem.1``.
 """
 
 from __future__ import annotations

@@ -72,15 +72,14 @@ def create_model(
     """Build a registered model. ``field`` names the config key in error messages."""
     _ensure_loaded()
     prefix, _, rest = name.partition(":")
-    if rest and prefix in _PREFIX_RESOLVERS:
-        builder = _PREFIX_RESOLVERS[prefix](rest)
-    else:
-        try:
+    try:  # resolver errors say "model"; re-raise them under the caller's config key
+        if rest and prefix in _PREFIX_RESOLVERS:
+            builder = _PREFIX_RESOLVERS[prefix](rest)
+        else:
             builder = get_entry(name).builder
-        except ConfigError as err:
-            raise ConfigError(field, name, err.fix) from None
-    try:
         model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except ConfigError as err:
+        raise ConfigError(field, err.value, err.fix) from None
     except TypeError as err:
         raise ConfigError(f"{field}_kwargs", kwargs, f"{name} rejected them: {err}") from None
     model.kd_name = name  # remembered for error messages and reports
