@@ -1,4 +1,4 @@
-from kd_lightning.cli import main
+from kd_lightning.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -11,12 +11,17 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from typing import NoReturn
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from kd_lightning.callbacks import KDModelCheckpoint
+from kd_lightning.callbacks import KDModelCheckpoint, PreemptionCheckpoint
 from kd_lightning.errors import ConfigError
+from kd_lightning.preflight import check_run_dirs, parser_error
+from kd_lightning.tracking import TrackingSaveConfigCallback
+from kd_lightning.tracking_guard import guard_wandb_config
 
 #: subcommand → "module:function(args)"; each one owns its own argument parser.
 EXTRA_COMMANDS: dict[str, str] = {
@@ -32,9 +37,22 @@ TRAINER_DEFAULTS = {
 }
 
 
+class KDArgumentParser(LightningArgumentParser):
+    """An unknown model/data class or init argument is a one-line ConfigError with the
+    closest valid names, not a usage dump (every other parse error is unchanged)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        found = parser_error(message)
+        if found is not None:
+            raise found from None
+        super().error(message, ex)
+
+
 class KDLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(KDModelCheckpoint, "checkpoint")
+        # SIGTERM (SLURM pre-emption / time limit) saves last.ckpt before exiting
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False,
             help="after `fit`, test the best checkpoint (by the module's monitor) on the test split",
@@ -42,6 +60,14 @@ class KDLightningCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
 
+
+    def before_instantiate_classes(self) -> None:
+        # a W&B logger configured online must not hang the run without network/credentials
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        guard_wandb_config(config.get("trainer"))
+
+    def before_fit(self) -> None:
+        check_run_dirs(self.trainer)  # unwritable log/checkpoint dirs fail now, not at epoch 1
 
     def after_fit(self) -> None:
         if not self.config_init[self.subcommand].get("test_after_fit"):
@@ -55,7 +81,13 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLightningCLI
     with warnings.catch_warnings():
         # explicit args from tests/notebooks are intended; Lightning warns if sys.argv is also set
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        return _build_cli(args, run)
+        try:
+            return _build_cli(args, run)
+        except ValueError as err:  # unwrap jsonargparse's wrapper of a ConfigError
+            config_error = _find_config_error(err)
+            if config_error is None or config_error is err:
+                raise
+            raise config_error from None
 
 
 def _build_cli(args: list[str] | None, run: bool) -> KDLightningCLI:
@@ -67,7 +99,10 @@ def _build_cli(args: list[str] | None, run: bool) -> KDLightningCLI:
         seed_everything_default=42,
         trainer_defaults=TRAINER_DEFAULTS,
         # every run saves its resolved config into its own log dir; never refuse a rerun
+        # ... and sends it (with the git revision) to the logger: kd_lightning/tracking.py
+        save_config_callback=TrackingSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
+        parser_class=KDArgumentParser,
         args=args,
         run=run,
     )
@@ -86,6 +121,26 @@ def console_main() -> None:
     """The installed ``kd-lightning`` script: bad input ends in one clear line, not a traceback."""
     try:
         main()
-    except ConfigError as err:
-        print(f"kd-lightning: error: {err}", file=sys.stderr)
+    except SIGTERMException:
+        # pre-empted: PreemptionCheckpoint saved last.ckpt. 143 = 128 + SIGTERM, so a
+        # scheduler (or `afterok` dependency) does not take the run for a finished one
+        print("kd-lightning: stopped by SIGTERM; resume with --ckpt_path=last", file=sys.stderr)
+        raise SystemExit(143) from None
+    except Exception as err:
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"kd-lightning: error: {config_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind ``err``: jsonargparse re-raises errors from a class's
+    ``__init__`` as a ValueError whose ``__cause__`` is the original."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

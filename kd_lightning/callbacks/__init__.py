@@ -1,3 +1,4 @@
 from kd_lightning.callbacks.checkpoint import KDModelCheckpoint
+from kd_lightning.callbacks.preemption import PreemptionCheckpoint
 
-__all__ = ["KDModelCheckpoint"]
+__all__ = ["KDModelCheckpoint", "PreemptionCheckpoint"]

@@ -16,8 +16,16 @@ from kd_lightning.models.registry import (
     create_model,
     get_entry,
     list_models,
+    model_from_config,
     register_model,
     register_prefix,
 )
 
-__all__ = ["create_model", "get_entry", "list_models", "register_model", "register_prefix"]
+__all__ = [
+    "create_model",
+    "get_entry",
+    "list_models",
+    "model_from_config",
+    "register_model",
+    "register_prefix",
+]

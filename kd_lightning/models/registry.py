@@ -86,6 +86,22 @@ def create_model(
     return model
 
 
+def model_from_config(
+    name: str, num_classes: int, in_channels: int, field: str, kwargs: dict | None
+) -> nn.Module:
+    """``create_model`` for a ``<field>`` + ``<field>_kwargs`` pair from a config.
+
+    The data decides ``num_classes`` and ``in_channels`` (the CLI links them), so a second
+    value in the kwargs is a mistake we name instead of a ``TypeError``.
+    """
+    reserved = sorted({"num_classes", "in_channels"} & set(kwargs or {}))
+    if reserved:
+        raise ConfigError(
+            f"{field}_kwargs", kwargs, f"remove {reserved}: classes and input channels come from the data"
+        )
+    return create_model(name, num_classes, in_channels, field=field, **(kwargs or {}))
+
+
 def _ensure_loaded() -> None:
     # Importing the package registers every built-in model exactly once.
     import kd_lightning.models  # noqa: F401

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from kd_lightning.models import create_model
+from kd_lightning.errors import ConfigError
+from kd_lightning.models import model_from_config
 from kd_lightning.modules.base import BaseModule, check_input_shape
 from kd_lightning.modules.metrics import classifier_metrics
 
@@ -44,9 +45,7 @@ class ClassifierModule(BaseModule):
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.input_shape = check_input_shape(input_shape)
-        self.model = create_model(
-            model, num_classes, self.input_shape[0], field="model.model", **(model_kwargs or {})
-        )
+        self.model = model_from_config(model, num_classes, self.input_shape[0], "model.model", model_kwargs)
         self.label_smoothing = label_smoothing
         self.train_metrics = classifier_metrics(num_classes, "train/")
         self.val_metrics = classifier_metrics(num_classes, "val/")
@@ -65,7 +64,20 @@ class ClassifierModule(BaseModule):
                       batch_size=len(logits))
         return loss
 
+    # Unlabelled transfer-set samples (label -1) would crash CE (a device assert on GPU).
+    # kd-lightning DataModules know their count: refuse once, before the first step. Other
+    # DataModules get a per-batch check (one host sync per step, so only for them).
+    _check_batch_labels: bool = True
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        self._check_batch_labels = not hasattr(dm, "num_unlabelled")
+        if not self._check_batch_labels and dm.num_unlabelled:
+            _refuse_unlabelled(getattr(dm, "train_on", None), dm.num_unlabelled)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self._check_batch_labels and bool((batch["label"] < 0).any()):
+            _refuse_unlabelled(None, int((batch["label"] < 0).sum()))
         return self._step(batch, "train", self.train_metrics)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -76,3 +88,11 @@ class ClassifierModule(BaseModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["image"]).softmax(dim=1)
+
+
+def _refuse_unlabelled(train_on: str | None, count: int) -> None:
+    raise ConfigError(
+        "data.train_on", train_on,
+        f"ClassifierModule trains on labels, but {count} training sample(s) are unlabelled (label -1). "
+        "Set data.train_on=labeled to train on the labelled subset, or distil with DistillationModule",
+    )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.models import create_model
+from kd_lightning.models import create_model, model_from_config
 
 
 @dataclass
@@ -79,13 +79,21 @@ def build_teacher(spec: TeacherSpec, num_classes: int, in_channels: int, field_n
                 f"the teacher was trained for {teacher_classes} classes but the data has "
                 f"{num_classes}; use a teacher trained on this dataset",
             )
+        shape = hparams.get("input_shape")
+        if shape is not None and int(shape[0]) != in_channels:
+            raise ConfigError(
+                f"{field_name}.checkpoint", spec.checkpoint,
+                f"the teacher was trained on {int(shape[0])}-channel inputs {tuple(shape)} but "
+                f"the data has {in_channels} channel(s) (e.g. a CIFAR teacher on MNIST); use a "
+                "teacher trained on this dataset",
+            )
         kwargs = dict(hparams.get("model_kwargs") or {})
         model = create_model(arch, num_classes, in_channels, field=f"{field_name}.model", **kwargs)
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         _load_state(model, state, f"{field_name}.checkpoint", spec.checkpoint)
     elif spec.model:
-        model = create_model(
-            spec.model, num_classes, in_channels, field=f"{field_name}.model", **spec.model_kwargs
+        model = model_from_config(
+            spec.model, num_classes, in_channels, f"{field_name}.model", spec.model_kwargs
         )
         if spec.weights:
             state = _load_file(spec.weights, f"{field_name}.weights")
