@@ -113,3 +113,16 @@ def test_teacher_from_model_name_and_weights_file(tmp_path):
     torch.save(src.state_dict(), tmp_path / "w.pt")
     module = DistillationModule(teacher=TeacherSpec(model="lenet5", weights=str(tmp_path / "w.pt")))
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), module.teacher.state_dict().values()))
+
+
+def test_load_from_checkpoint_restores_heads_with_adapters(mnist_teacher_ckpt, tmp_path):
+    """Heads are saved as config in the hparams, so adapter weights find their modules."""
+    cli = main([
+        "fit", "-c", str(CONFIGS / "quickstart" / "kd.yaml"), "-c", str(CONFIGS / "kd" / "fitnet.yaml"),
+        *DEBUG_TRAINER, *logger_args(tmp_path / "logs"), "--test_after_fit=false",
+        f"--model.teacher.checkpoint={mnist_teacher_ckpt}", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+    ])
+    restored = DistillationModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert [type(h).__name__ for h in restored.heads] == [type(h).__name__ for h in cli.model.heads]
+    want, got = cli.model.heads.state_dict(), restored.heads.state_dict()
+    assert want and all(torch.equal(want[k].cpu(), got[k]) for k in want)

@@ -1,19 +1,48 @@
-"""Loss heads. Each file holds one method; import it here so YAML can use short paths."""
+"""Loss heads. Each file holds one method; import it here so YAML can use short paths
+(``class_path: kd_lightning.losses.FitNet``).
 
+Logit heads: ``CrossEntropy``, ``KLDivergence``, ``LogitMSE``, ``PseudoLabel``, ``DKD``.
+Feature heads (on named layers): ``FitNet``, ``AttentionTransfer``,
+``SimilarityPreserving``, ``RKD``, ``PKT``, ``NST``, ``CRD``.
+"""
+
+from kd_lightning.losses.attention import AttentionTransfer
 from kd_lightning.losses.base import LossHead
 from kd_lightning.losses.ce import CrossEntropy
+from kd_lightning.losses.crd import CRD
+from kd_lightning.losses.dkd import DKD
+from kd_lightning.losses.feature import FeatureHead
+from kd_lightning.losses.fitnet import Connector, FitNet
 from kd_lightning.losses.kd import KLDivergence
+from kd_lightning.losses.mse import LogitMSE
+from kd_lightning.losses.nst import NST
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.pkt import PKT
+from kd_lightning.losses.pseudo_label import PseudoLabel
+from kd_lightning.losses.rkd import RKD
 from kd_lightning.losses.schedules import Constant, LinearWarmup, Schedule, StepWarmup
+from kd_lightning.losses.sp import SimilarityPreserving
 
 __all__ = [
+    "CRD",
+    "DKD",
+    "NST",
+    "PKT",
+    "RKD",
+    "AttentionTransfer",
+    "Connector",
     "Constant",
     "CrossEntropy",
+    "FeatureHead",
+    "FitNet",
     "KLDivergence",
     "LinearWarmup",
+    "LogitMSE",
     "LossHead",
     "ModelOutput",
+    "PseudoLabel",
     "Schedule",
+    "SimilarityPreserving",
     "StepWarmup",
     "TeacherOutput",
 ]

@@ -1,0 +1,108 @@
+"""Romero et al. 2015, "FitNets: Hints for Thin Deep Nets" (ICLR)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.base import Batch
+from kd_lightning.losses.feature import FeatureHead
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.schedules import Schedule
+
+
+class Connector(nn.Module):
+    """Maps a student feature onto the shape of a teacher feature (the FitNets regressor).
+
+    * (N, C, H, W) → (N, C', H', W'): resize to (H', W') — average pooling when the
+      student map is larger, bilinear upsampling when it is smaller — then a 1×1 conv
+      and BatchNorm (RepDistiller's ``ConvReg`` for equal sizes).
+    * (N, D) → (N, D'): a linear layer.
+    * (N, C, H, W) → (N, D'): global average pooling, then a linear layer.
+
+    ``relu`` appends a ReLU, as RepDistiller does: block outputs are post-activation.
+    """
+
+    def __init__(self, s_shape: torch.Size, t_shape: torch.Size, relu: bool = True) -> None:
+        super().__init__()
+        self.size: tuple[int, int] | None = None
+        self.pool = False
+        if len(s_shape) == 4 and len(t_shape) == 4:
+            self.size = (int(t_shape[2]), int(t_shape[3]))
+            self.proj: nn.Module = nn.Sequential(
+                nn.Conv2d(s_shape[1], t_shape[1], kernel_size=1, bias=False),
+                nn.BatchNorm2d(t_shape[1]),
+            )
+        elif len(t_shape) == 2 and len(s_shape) in (2, 4):
+            # no BatchNorm1d: it fails on a last batch of one sample
+            self.pool = len(s_shape) == 4
+            self.proj = nn.Linear(s_shape[1], t_shape[1])
+        else:
+            raise ValueError(f"cannot map a student feature {tuple(s_shape)} onto {tuple(t_shape)}")
+        self.act = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool:
+            x = x.mean(dim=(2, 3))
+        elif self.size is not None and x.shape[-2:] != self.size:
+            h, w = x.shape[-2:]
+            if h >= self.size[0] and w >= self.size[1]:
+                x = F.adaptive_avg_pool2d(x, self.size)
+            else:
+                x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return self.act(self.proj(x))
+
+
+class FitNet(FeatureHead):
+    """Hint loss: ``Σ_pairs mean((r(f_s) - f_t)²)`` with a learnable connector ``r``.
+
+    One connector per layer pair is sized from a dummy forward (see ``Connector``); it
+    is a student-side module, so it trains with the student and is saved in the
+    checkpoint. Training is joint (hint + CE in one stage), as in RepDistiller and
+    mdistiller, rather than the paper's two-stage schedule.
+
+    Args:
+        weight: RepDistiller and mdistiller use 100 on CIFAR-100.
+        student_layers, teacher_layers: the hint/guided layer pairs, e.g. ``layer2``.
+        relu: end each connector with a ReLU (for post-activation teacher features).
+    """
+
+    default_name = "fitnet"
+    feature_ranks = (2, 4)
+
+    def __init__(
+        self,
+        weight: float = 100.0,
+        student_layers: str | list[str] | None = None,
+        teacher_layers: str | list[str] | None = None,
+        relu: bool = True,
+        teacher_index: int = 0,
+        schedule: Schedule | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(weight, student_layers, teacher_layers, teacher_index, schedule, name)
+        self.relu = relu
+        self.connectors = nn.ModuleList()
+
+    def build_pairs(self, shapes: list[tuple[torch.Size, torch.Size]]) -> None:
+        connectors = []
+        for (s_name, t_name), (s_shape, t_shape) in zip(self.layer_pairs, shapes):
+            if len(s_shape) == 2 and len(t_shape) == 4:
+                raise ConfigError(
+                    "FitNet.student_layers", s_name,
+                    f"a flat student feature {tuple(s_shape)} cannot be regressed onto the teacher's "
+                    f"feature map {t_name!r} {tuple(t_shape)}; hint a flat teacher layer or a "
+                    "convolutional student layer",
+                )
+            connectors.append(Connector(s_shape, t_shape, self.relu))
+        self.connectors = nn.ModuleList(connectors)
+
+    def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
+        if len(self.connectors) != len(self.layer_pairs):
+            raise RuntimeError("FitNet.build() must run first: the DistillationModule calls it")
+        return sum(
+            F.mse_loss(connector(f_s), f_t)
+            for connector, (f_s, f_t) in zip(self.connectors, self.pairs(student, teacher))
+        )

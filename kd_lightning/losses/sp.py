@@ -1,0 +1,49 @@
+"""Tung & Mori 2019, "Similarity-Preserving Knowledge Distillation" (ICCV)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd_lightning.losses.base import Batch
+from kd_lightning.losses.feature import FeatureHead
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.schedules import Schedule
+
+
+def similarity(f: Tensor) -> Tensor:
+    """The batch's (N, N) Gram matrix of flattened features, rows L2-normalised."""
+    flat = f.flatten(1)
+    return F.normalize(flat @ flat.t(), dim=1)
+
+
+class SimilarityPreserving(FeatureHead):
+    """SP: ``Σ_pairs ‖G_s - G_t‖²_F / N²`` with ``G`` the row-normalised batch Gram matrix.
+
+    Matches which samples of the batch the two networks find alike, so the feature
+    shapes (channels, spatial size, even rank) may differ freely.
+
+    Args:
+        weight: RepDistiller uses 3000 on CIFAR-100 (on the last stage's output).
+        student_layers, teacher_layers: layer pairs of any shape, e.g. ``layer3``.
+    """
+
+    default_name = "sp"
+
+    def __init__(
+        self,
+        weight: float = 3000.0,
+        student_layers: str | list[str] | None = None,
+        teacher_layers: str | list[str] | None = None,
+        teacher_index: int = 0,
+        schedule: Schedule | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(weight, student_layers, teacher_layers, teacher_index, schedule, name)
+
+    def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
+        total = student.logits.new_zeros(())
+        for f_s, f_t in self.pairs(student, teacher):
+            n = f_s.shape[0]
+            total = total + (similarity(f_s) - similarity(f_t)).pow(2).sum() / (n * n)
+        return total
