@@ -6,12 +6,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # No test may reach a network or a GPU.
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Test models are tiny: one intra-op thread is faster than two, and two OpenMP threads
+# spinning against another process on a 2-core machine slow small steps down ~10×.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+torch.set_num_threads(1)
 
 from tests.helpers.fake_data import write_cifar10, write_cifar100, write_mnist  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""In-memory image datasets that yield dict batches ``{"image", "label", "index"}``.
+"""In-memory image datasets that yield dict batches ``{"image", "label", "index", "view"}``.
 
 Images are held as one uint8 tensor (N, H, W, C). ``index`` is the sample's position in
 its source split: stable across runs, so CRD memory banks and teacher caches can key on it.
@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
+
+from kd_lightning.data.tensor_augment import view_seed
 
 
 class ArrayImageDataset(Dataset):
@@ -27,6 +29,10 @@ class ArrayImageDataset(Dataset):
         transform: Callable | None = None,
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
+        views: int = 0,
+        view_seed: int = 0,
+        raw: bool = False,
+        augmented: bool | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
@@ -36,6 +42,12 @@ class ArrayImageDataset(Dataset):
         self.transform = transform
         self.mean, self.std = tuple(mean), tuple(std)
         self._normalised: Tensor | None = None
+        # Augmentation views (see kd_lightning.data.tensor_augment): with views = K > 0 the
+        # augmentation of (sample, view) is seeded by (view_seed, index, view), so it is the
+        # same image every time. raw: yield uint8 (C, H, W) and let TensorAugment augment and
+        # normalise whole batches on the training device; ``augmented`` says whether it will.
+        self.views, self.view_seed, self.raw = int(views), int(view_seed), raw
+        self.augmented = transform is not None if augmented is None else augmented
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -49,15 +61,52 @@ class ArrayImageDataset(Dataset):
             self._normalised = (x - mean) / std
         return self._normalised
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        """``dataset[i]``, or ``dataset[i, view]`` (what the train sampler asks for when
+        ``augment_views`` > 0).
+
+        ``batch["view"]`` is the view of a deterministic augmentation, 0 when the image is
+        not augmented and -1 when its augmentation is fresh random (not reproducible).
+        """
+        i, view = key if isinstance(key, tuple) else (key, 0)
         src = int(self.indices[i])
-        if self.transform is None:
+        if not self.augmented:
+            view = 0
+        elif not self.views:
+            view = -1
+        if self.raw:
+            image = self.images[src].permute(2, 0, 1)
+        elif self.transform is None:
             image = self.normalised()[i]
         else:
             array = self.images[src].numpy()
             pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-            image = self.transform(pil)
-        return {"image": image, "label": self.labels[src], "index": torch.tensor(src)}
+            if view >= 0:  # torchvision draws from torch's global RNG: seed it per (index, view)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(view_seed(self.view_seed, src, view))
+                    image = self.transform(pil)
+            else:
+                image = self.transform(pil)
+        return {
+            "image": image, "label": self.labels[src], "index": torch.tensor(src),
+            "view": torch.tensor(view),
+        }
+
+    def get_batch(self, keys: Sequence[int | tuple[int, int]]) -> dict[str, Tensor]:
+        """The collated batch of ``[self[k] for k in keys]``, with one gather per field
+        when possible: with ``raw`` (on-device augmentation) the loader's cost per image
+        becomes negligible (see ``tensor_augment.BatchFetch``)."""
+        if self.transform is not None:  # PIL pipelines are per image anyway
+            return default_collate([self[k] for k in keys])
+        pairs = torch.tensor([k if isinstance(k, tuple) else (k, 0) for k in keys]).view(-1, 2)
+        pos, view = pairs[:, 0], pairs[:, 1]
+        if not self.augmented:
+            view = torch.zeros_like(view)
+        elif not self.views:
+            view = torch.full_like(view, -1)
+        src = self.indices[pos]
+        image = self.images[src].permute(0, 3, 1, 2) if self.raw else self.normalised()[pos]
+        return {"image": image, "label": self.labels[src], "index": src, "view": view}
 
 
 def stratified_split(

@@ -17,7 +17,7 @@ stores each teacher's fingerprint so a changed teacher is detected on load.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,13 @@ from torchmetrics import MeanMetric
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import CrossEntropy, KLDivergence, LossHead, ModelOutput, TeacherOutput
-from kd_lightning.models import create_model
+from kd_lightning.models import model_from_config
 from kd_lightning.modules.base import BaseModule, check_input_shape
 from kd_lightning.modules.features import FeatureTaps
+from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, copy_from_teacher
 from kd_lightning.modules.metrics import agreement_metric, classifier_metrics
 from kd_lightning.modules.teacher import TeacherSpec, build_teacher, fingerprint
+from kd_lightning.modules.teacher_cache import TeacherCache, cache_stage, check_cache_data
 
 
 class DistillationModule(BaseModule):
@@ -47,11 +49,28 @@ class DistillationModule(BaseModule):
         num_classes: linked from the DataModule by the CLI.
         input_shape: (C, H, W), linked from the DataModule by the CLI.
         check_finite: stop with a clear error when the loss becomes NaN/inf.
+        allow_teacher_change: resume a fit even if the teacher rebuilt from ``teacher``
+            differs from the one the checkpoint was trained with (default: refuse).
+        init_from_teacher: start the student from the (first) teacher's weights:
+            ``matching`` copies tensors whose names and shapes match, ``every_kth`` also
+            maps a shallower student's blocks to every k-th teacher block (DistilBERT).
+            A resumed or loaded checkpoint overwrites this initialisation.
+        teacher_cache: compute each teacher output once per (sample, augmentation view)
+            and reuse it (``kd_lightning.modules.teacher_cache``); needs deterministic data
+            augmentation (``data.augment_views``). ``teacher_cache_device: cpu`` stores it
+            in host memory instead of on the training device.
+        student_channels_last, teacher_channels_last: run that network (weights and input)
+            in channels_last memory format (faster convolutions on tensor-core GPUs).
+        student_compile, teacher_compile: ``torch.compile`` that network in place
+            (``nn.Module.compile``: state-dict keys are unchanged), with ``compile_kwargs``
+            (e.g. ``{mode: max-autotune}``).
         optimizer, lr_scheduler: see ``BaseModule``; they see only student + adapters.
 
     Logs ``train/loss``, ``train/loss_<head>`` per head, and for val/test
     ``student_acc``, ``teacher_acc``, ``agreement``, ``student_ece``, ``teacher_ece``
-    and ``kl_teacher_student`` (KL(teacher ‖ student) at T=1).
+    and ``kl_teacher_student`` (KL(teacher ‖ student) at T=1). With several teachers the
+    ``teacher_*`` metrics score the weighted ensemble and ``teacher<i>_acc``/``_ece`` each
+    member.
     """
 
     monitor = "val/student_acc"
@@ -65,17 +84,29 @@ class DistillationModule(BaseModule):
         num_classes: int = 10,
         input_shape: tuple[int, int, int] = (1, 28, 28),
         check_finite: bool = True,
+        allow_teacher_change: bool = False,
+        init_from_teacher: InitStrategy = "none",
+        teacher_cache: bool = False,
+        teacher_cache_device: Literal["auto", "cpu"] = "auto",
+        student_channels_last: bool = False,
+        teacher_channels_last: bool = False,
+        student_compile: bool = False,
+        teacher_compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "heads"])
+        # allow_teacher_change is a per-launch decision: LightningCLI re-applies a checkpoint's
+        # hparams on resume, which would otherwise reset it to the saved value
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "allow_teacher_change"])
         self.input_shape = check_input_shape(input_shape)
         self.num_classes = num_classes
         self.check_finite = check_finite
+        self.allow_teacher_change = allow_teacher_change
 
-        self.student = create_model(
-            student, num_classes, self.input_shape[0], field="model.student", **(student_kwargs or {})
+        self.student = model_from_config(
+            student, num_classes, self.input_shape[0], "model.student", student_kwargs
         )
         specs = teacher if isinstance(teacher, list) else [teacher] if teacher else []
         if not specs:
@@ -86,6 +117,9 @@ class DistillationModule(BaseModule):
         ]
         self.teacher_weights = [float(s.weight) for s in specs]
         self.teacher_fingerprints = [fingerprint(t) for t in self._teachers]
+        self.init_report: InitReport | None = None
+        if init_from_teacher != "none":
+            self.init_report = copy_from_teacher(self.student, self._teachers[0], init_from_teacher)
 
         self.heads = nn.ModuleList(
             heads if heads is not None else [CrossEntropy(0.1), KLDivergence(0.9, temperature=4.0)]
@@ -100,8 +134,16 @@ class DistillationModule(BaseModule):
             for i, t in enumerate(self._teachers)
         ]
         self._build_heads()
+        # after the dummy forward, so compilation sees real batches only
+        self.teacher_cache = TeacherCache(teacher_cache_device) if teacher_cache else None
+        _speed_up(self.student, student_channels_last, student_compile, compile_kwargs)
+        for t in self._teachers:
+            _speed_up(t, teacher_channels_last, teacher_compile, compile_kwargs)
 
         self.train_metrics = classifier_metrics(num_classes, "train/", "student_")
+        self._term_sums: Tensor | None = None  # Σ batch·term per head, logged per epoch
+        self._term_names: list[str] = []
+        self._term_count, self._train_metrics_updated = 0, False
         self.val_metrics = self._eval_metrics("val/")
         self.test_metrics = self._eval_metrics("test/")
 
@@ -158,12 +200,16 @@ class DistillationModule(BaseModule):
         return out
 
     def _eval_metrics(self, prefix: str) -> nn.ModuleDict:
-        return nn.ModuleDict({
+        metrics = nn.ModuleDict({
             "student": classifier_metrics(self.num_classes, prefix, "student_"),
             "teacher": classifier_metrics(self.num_classes, prefix, "teacher_"),
             "agreement": agreement_metric(self.num_classes),
             "kl": MeanMetric(),
         })
+        if len(self._teachers) > 1:  # "teacher_" is the ensemble; each member on its own too
+            for i in range(len(self._teachers)):
+                metrics[f"teacher{i}"] = classifier_metrics(self.num_classes, prefix, f"teacher{i}_")
+        return metrics
 
     # -- teachers -------------------------------------------------------------------------
     @property
@@ -181,18 +227,27 @@ class DistillationModule(BaseModule):
         return self
 
     def teacher_forward(self, batch: dict[str, Tensor]) -> TeacherOutput:
-        """All teachers on the batch, in eval mode and inference mode.
+        """All teachers on the batch, in eval mode and inference mode, under the same
+        autocast as the student; from the teacher cache when ``teacher_cache`` is on."""
+        stage = cache_stage(self._trainer) if self.teacher_cache is not None else None
+        if stage is not None:
+            members = self.teacher_cache(stage, batch, self._run_teachers)
+        else:
+            members = self._run_teachers(batch["image"])
+        return TeacherOutput(members, self.teacher_weights)
 
-        Outputs are cloned out of inference mode so heads may save them for backward.
-        """
-        x = batch["image"]
+    def _run_teachers(self, x: Tensor) -> list[ModelOutput]:
+        # cloned out of inference mode so heads may save them for backward
         with torch.inference_mode():
             members = [taps(x) for taps in self._teacher_taps]
-        members = [
+        return [
             ModelOutput(m.logits.clone(), {k: v.clone() for k, v in m.features.items()})
             for m in members
         ]
-        return TeacherOutput(members, self.teacher_weights)
+
+    def setup(self, stage: str) -> None:
+        if self.teacher_cache is not None and stage == "fit":  # refuse before any step
+            check_cache_data(getattr(self._trainer, "datamodule", None))
 
     # -- the loss -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -224,13 +279,28 @@ class DistillationModule(BaseModule):
             self._assert_finite(loss, terms, batch_idx)
         n = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        for name, term in terms.items():
-            self.log(f"train/loss_{name}", term, on_step=False, on_epoch=True, batch_size=n)
+        # Per-head terms and train metrics are accumulated here and logged once per epoch
+        # (on_train_epoch_end): each self.log call costs ~0.3 ms of Python, and logging a
+        # Metric object every step re-walks its states (ECE's grow with the epoch).
+        stacked = torch.stack(list(terms.values())) * n
+        self._term_sums = stacked if self._term_sums is None else self._term_sums + stacked
+        self._term_names = list(terms)
+        self._term_count += n
         labelled = batch["label"] >= 0
         if labelled.any():
             self.train_metrics.update(student.logits.detach()[labelled], batch["label"][labelled])
-            self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+            self._train_metrics_updated = True
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._term_sums is not None:
+            means = self._term_sums / self._term_count
+            for name, value in zip(self._term_names, means):
+                self.log(f"train/loss_{name}", value, sync_dist=True)
+        if self._train_metrics_updated:
+            self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+        self._term_sums, self._term_count, self._train_metrics_updated = None, 0, False
 
     def _assert_finite(self, loss: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
         if torch.isfinite(loss):
@@ -251,9 +321,14 @@ class DistillationModule(BaseModule):
         metrics["agreement"].update(s_logits, teacher.argmax())
         kl = F.kl_div(F.log_softmax(s_logits, 1), teacher.log_probs(1.0), reduction="none", log_target=True)
         metrics["kl"].update(kl.sum(1))
-        self.log(f"{stage}/loss", F.cross_entropy(s_logits, y), batch_size=n)
+        # a plain tensor: sync it over DDP ranks (torchmetrics objects sync themselves)
+        self.log(f"{stage}/loss", F.cross_entropy(s_logits, y), batch_size=n, sync_dist=True)
         self.log_dict(metrics["student"], prog_bar=stage == "val", batch_size=n)
         self.log_dict(metrics["teacher"], batch_size=n)
+        if len(teacher.members) > 1:
+            for i, member in enumerate(teacher.members):
+                metrics[f"teacher{i}"].update(member.logits.float().softmax(1), y)
+                self.log_dict(metrics[f"teacher{i}"], batch_size=n)
         self.log(f"{stage}/agreement", metrics["agreement"], batch_size=n)
         self.log(f"{stage}/kl_teacher_student", metrics["kl"], batch_size=n)
 
@@ -272,14 +347,55 @@ class DistillationModule(BaseModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("kd_teacher_fingerprints")
-        if saved is not None and saved != self.teacher_fingerprints:
-            warnings.warn(
-                "the teacher rebuilt from model.teacher differs from the one this checkpoint was "
-                "trained with (fingerprints differ): resuming continues against a different teacher",
-                stacklevel=2,
+        if saved is None or saved == self.teacher_fingerprints:
+            return
+        sources = [_source(s) for s in _specs(self.hparams.get("teacher"))]
+        # Resuming a fit against another teacher silently changes the experiment: refuse.
+        # Loading for evaluation (no trainer, or validate/test) only warns: the student's
+        # own metrics do not depend on the teacher.
+        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.allow_teacher_change:
+            raise ConfigError(
+                "model.teacher", sources,
+                "it is not the teacher this checkpoint was trained with (weight fingerprints "
+                "differ): restore the original teacher file, or set "
+                "model.allow_teacher_change=true to continue against this one",
             )
+        warnings.warn(
+            f"the teacher rebuilt from model.teacher ({sources}) differs from the one this "
+            "checkpoint was trained with (fingerprints differ)",
+            stacklevel=2,
+        )
+
+
+def _speed_up(
+    model: nn.Module, channels_last: bool, compile: bool, compile_kwargs: dict[str, Any] | None
+) -> None:
+    if channels_last:  # weights now; inputs by a pre-hook, so every call site is covered
+        model.to(memory_format=torch.channels_last)
+        model.register_forward_pre_hook(_channels_last_input)
+    if compile:
+        model.compile(**(compile_kwargs or {}))
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0] if args else None
+    if isinstance(x, Tensor) and x.ndim == 4:
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
 
 
 def _fp32(out: ModelOutput) -> ModelOutput:
     return ModelOutput(out.logits.float(), {k: v.float() for k, v in out.features.items()})
 
+
+def _specs(teacher: Any) -> list[Any]:
+    """``hparams.teacher`` as a list of specs (a single spec, a list, or None)."""
+    if teacher is None:
+        return []
+    return list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+
+
+def _source(spec: Any) -> Any:
+    """Where a teacher spec (a TeacherSpec, or a dict once round-tripped) loads from."""
+    get = spec.get if isinstance(spec, dict) else (lambda key: getattr(spec, key, None))
+    return get("checkpoint") or get("weights") or get("model")

@@ -7,6 +7,7 @@ on resume and in ``load_from_checkpoint`` — so it never needs to live in KD ch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,9 @@ def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients, permanently: ``train()`` on a frozen teacher is a no-op."""
     model.eval()
     model.requires_grad_(False)
-    model.train = _stay_in_eval.__get__(model)  # BN/dropout must never switch to train mode
+    # BN/dropout must never switch to train mode; a partial (not a bound method) pickles,
+    # so modules holding teachers survive ddp_spawn and deepcopy
+    model.train = functools.partial(_stay_in_eval, model)
     return model
 
 

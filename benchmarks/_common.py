@@ -1,0 +1,195 @@
+"""Shared pieces of the benchmark scripts: model pairs, in-memory batches, quiet Trainers and
+step/epoch timers.
+
+Every benchmark prints *ratios measured in one run on the same machine* (never absolute
+targets in pytest). Times are medians over steps after warm-up, per repeat; each repeat's
+ratio is printed, then the median over repeats. Both wall-clock and process-CPU time are
+reported: on a shared machine other processes inflate wall time, while CPU time of a
+single-threaded run (the default, ``--threads 1``) is close to the work actually done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+
+from kd_lightning.data.base import KDDataModule
+from kd_lightning.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
+from kd_lightning.data.mnist import MNIST_MEAN, MNIST_STD
+
+#: teacher → student pairs the issue asks for
+PAIRS: dict[str, dict[str, Any]] = {
+    # the quickstart pair on bundled MNIST: LeNet-5 (width 2) → 1×64 MLP
+    "mnist": {"teacher": "lenet5", "teacher_kwargs": {"width": 2}, "student": "mlp_tiny",
+              "shape": (1, 28, 28), "batch": 64},
+    # the classic CIFAR pair (RepDistiller/mdistiller tables)
+    "cifar": {"teacher": "resnet56", "teacher_kwargs": {}, "student": "resnet20",
+              "shape": (3, 32, 32), "batch": 64},
+}
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: per pair)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    return p
+
+
+def setup_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    torch.manual_seed(0)
+
+
+def make_batches(shape: tuple[int, ...], batch: int, n: int, num_classes: int = 10) -> list[dict]:
+    """``n`` distinct in-memory batches in the kd-lightning batch format."""
+    g = torch.Generator().manual_seed(0)
+    return [
+        {
+            "image": torch.randn(batch, *shape, generator=g),
+            "label": torch.randint(0, num_classes, (batch,), generator=g),
+            "index": torch.arange(i * batch, (i + 1) * batch),
+            "view": torch.zeros(batch, dtype=torch.long),
+        }
+        for i in range(n)
+    ]
+
+
+class Batches:
+    """An iterable of ready batches for ``Trainer.fit`` (a plain list would be read as a
+    list of dataloaders)."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class SyntheticData(KDDataModule):
+    """Random uint8 images held in memory, in the shape of CIFAR-10 (with its crop + flip
+    augmentation and normalisation) or MNIST (no augmentation). No files, no network.
+
+    Args:
+        shape: (C, H, W): (3, 32, 32) or (1, 28, 28).
+        num_images: size of the official "train" split (val takes ``val_fraction``).
+    """
+
+    def __init__(
+        self, *args: Any, shape: tuple[int, int, int] = (3, 32, 32), num_images: int = 5000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_shape = tuple(shape)
+        self.num_images = num_images
+        cifar = self.input_shape == (3, 32, 32)
+        self.mean, self.std = (CIFAR10_MEAN, CIFAR10_STD) if cifar else (MNIST_MEAN, MNIST_STD)
+
+    def augmentations(self) -> list:
+        if self.input_shape == (3, 32, 32):
+            return CIFAR10DataModule.augmentations(self)
+        return []
+
+    def load_arrays(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(0 if train else 1)
+        n = self.num_images if train else 256
+        c, h, w = self.input_shape
+        images = torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=g)
+        return images, torch.randint(0, 10, (n,), generator=g)
+
+
+def sgd(params):
+    """The optimizer of every benchmark (CIFAR recipe): SGD, momentum 0.9, wd 5e-4."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    """A Trainer with logging, progress bars, checkpointing, summaries and val off."""
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@dataclass
+class Clock:
+    """Wall and process-CPU timestamps."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def tick(self, sync: bool = False) -> None:
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def step_medians(self, skip: int) -> tuple[float, float]:
+        """Median wall/CPU seconds between consecutive ticks, after ``skip`` warm-up ticks."""
+        def med(ts: list[float]) -> float:
+            return statistics.median(b - a for a, b in zip(ts[skip:], ts[skip + 1:]))
+        return med(self.wall), med(self.cpu)
+
+
+class StepClock(L.Callback):
+    """Ticks at the start of every training batch (and once at the end of training), so a
+    step's time covers everything the loop does for it: fetch, hooks, step, logging."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.clock.tick()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.clock.tick()
+
+
+class EpochClock(L.Callback):
+    """Wall/CPU seconds of every training epoch."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._start = (0.0, 0.0)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.wall.append(time.perf_counter() - self._start[0])
+        self.cpu.append(time.process_time() - self._start[1])
+
+
+def report(name: str, ratios_wall: list[float], ratios_cpu: list[float], target: str) -> None:
+    fmt = ", ".join
+    print(
+        f"{name}: wall {statistics.median(ratios_wall):.3f} "
+        f"(repeats {fmt(f'{r:.3f}' for r in ratios_wall)}) | "
+        f"cpu {statistics.median(ratios_cpu):.3f} "
+        f"(repeats {fmt(f'{r:.3f}' for r in ratios_cpu)}) | target {target}",
+        flush=True,
+    )
+
+
+def machine() -> str:
+    import platform
+
+    return (
+        f"torch {torch.__version__}, lightning {L.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} thread(s), cuda={torch.cuda.is_available()}"
+    )

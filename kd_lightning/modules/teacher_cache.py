@@ -1,0 +1,167 @@
+"""Teacher-output cache: run the frozen teacher(s) once per (sample, augmentation view).
+
+A frozen teacher in eval mode is a pure function of its input, so its logits (and the
+feature maps the heads ask for) can be stored and reused, *provided the input is the very
+same tensor*. With augmentation that holds only if the augmentation is a function of the
+sample, not of chance: the cache is keyed by ``(batch["index"], batch["view"])`` and
+relies on the data's deterministic augmentation views (``data.augment_views: K``, see
+``kd_lightning.data.tensor_augment``): view ``epoch % K`` of every image is the same
+image every time, so after K epochs every teacher output is a cache hit.
+
+Refused (``ConfigError``, before any training step): a training set that augments
+randomly (``augment_views: 0``), and batches without ``index``/``view`` or with view -1.
+
+Storage is dense tensors ``(N, V, ...)`` per teacher and per output, grown on demand and
+filled in place, so a lookup is one gather per output and a miss runs the teachers on the
+missing samples only. ``device: cpu`` keeps large feature maps in host memory. The cache
+lives in memory only: it is rebuilt after a restart, and each DDP rank caches the samples
+it sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.outputs import ModelOutput
+
+Compute = Callable[[Tensor], list[ModelOutput]]
+
+
+class _Table:
+    """One stage's outputs of every teacher: dense ``(N, V, *shape)`` tensors + fill mask."""
+
+    def __init__(self) -> None:
+        self.filled: Tensor | None = None  # bool (N, V)
+        self.members: list[dict[str, Tensor]] = []  # per teacher: "logits"/feature → (N, V, ...)
+
+    def _grow(self, n: int, v: int, fresh: list[ModelOutput], device: torch.device) -> None:
+        old_n, old_v = (0, 0) if self.filled is None else self.filled.shape
+        if n <= old_n and v <= old_v:
+            return
+        n, v = max(n, 2 * old_n), max(v, old_v)  # amortised growth along the sample axis
+
+        def resized(old: Tensor | None, row: Tensor) -> Tensor:
+            new = torch.zeros((n, v, *row.shape), dtype=row.dtype, device=device)
+            if old is not None:
+                new[: old.shape[0], : old.shape[1]] = old
+            return new
+
+        self.filled = resized(self.filled, torch.zeros((), dtype=torch.bool))
+        if not self.members:
+            self.members = [
+                {k: resized(None, t[0]) for k, t in {"logits": m.logits, **m.features}.items()}
+                for m in fresh
+            ]
+        else:
+            self.members = [{k: resized(t, t[0, 0]) for k, t in m.items()} for m in self.members]
+
+    def lookup(self, index: Tensor, view: Tensor, compute: Compute, x: Tensor) -> list[ModelOutput]:
+        missing = torch.ones_like(index, dtype=torch.bool)
+        if self.filled is not None:
+            inside = (index < self.filled.shape[0]) & (view < self.filled.shape[1])
+            missing[inside] = ~self.filled[index[inside], view[inside]]
+        if bool(missing.any()):
+            rows = missing.nonzero().flatten()
+            fresh = compute(x[rows.to(x.device)])  # the teachers see the missing samples only
+            device = index.device if self.filled is None else self.filled.device
+            self._grow(int(index.max()) + 1, int(view.max()) + 1, fresh, device)
+            i, j = index[rows], view[rows]
+            for table, out in zip(self.members, fresh):
+                for k, t in {"logits": out.logits, **out.features}.items():
+                    table[k][i, j] = t.to(table[k].device)
+            self.filled[i, j] = True
+        return [
+            ModelOutput(
+                table["logits"][index, view].to(x.device, non_blocking=True),
+                {k: t[index, view].to(x.device, non_blocking=True)
+                 for k, t in table.items() if k != "logits"},
+            )
+            for table in self.members
+        ]
+
+
+class TeacherCache:
+    """Teacher outputs keyed by (sample index, augmentation view), one table per stage.
+
+    Args:
+        device: ``auto`` keeps the cache where the outputs are (the training device);
+            ``cpu`` keeps it in host memory (for large feature maps).
+    """
+
+    def __init__(self, device: Literal["auto", "cpu"] = "auto") -> None:
+        if device not in ("auto", "cpu"):
+            raise ConfigError("model.teacher_cache_device", device, "use auto or cpu")
+        self.device = device
+        self.tables: dict[str, _Table] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, stage: str, batch: dict[str, Any], compute: Compute) -> list[ModelOutput]:
+        """The teachers' outputs for ``batch``, computing (and storing) only the misses."""
+        index, view = _keys(batch)
+        if self.device == "cpu":
+            index, view = index.cpu(), view.cpu()
+        table = self.tables.setdefault(stage, _Table())
+        before = 0 if table.filled is None else int(table.filled.sum())
+        with torch.no_grad():
+            out = table.lookup(index, view, compute, batch["image"])
+        new = int(table.filled.sum()) - before
+        self.misses += new
+        self.hits += len(index) - new
+        return out
+
+    def __len__(self) -> int:
+        """Number of cached (stage, sample, view) entries."""
+        return sum(int(t.filled.sum()) for t in self.tables.values() if t.filled is not None)
+
+    def nbytes(self) -> int:
+        return sum(
+            x.numel() * x.element_size()
+            for t in self.tables.values() for m in t.members for x in m.values()
+        )
+
+
+def _keys(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    if not isinstance(batch, dict) or "index" not in batch or "view" not in batch:
+        raise ConfigError(
+            "model.teacher_cache", True,
+            "the batches carry no 'index'/'view' keys to key the cache on; use a kd-lightning "
+            "DataModule (or yield them) or set model.teacher_cache=false",
+        )
+    index, view = batch["index"].long(), batch["view"].long()
+    if bool((view < 0).any()):
+        raise ConfigError(
+            "data.augment_views", 0,
+            "model.teacher_cache needs the same input every time a sample is seen, but this "
+            "training data is augmented at random: set data.augment_views to K >= 1 "
+            "(K fixed views per image) or data.augment=false, or turn off model.teacher_cache",
+        )
+    return index, view
+
+
+def cache_stage(trainer: Any) -> str | None:
+    """Which table a teacher forward reads: ``train``, ``val``, or None (no caching: test,
+    predict, or no trainer). Test splits index their own array, so they never share keys."""
+    if trainer is None:
+        return None
+    if trainer.training:
+        return "train"
+    if trainer.validating or trainer.sanity_checking:
+        return "val"
+    return None
+
+
+def check_cache_data(datamodule: Any) -> None:
+    """Refuse, at setup, a DataModule whose training augmentation makes the cache wrong."""
+    if getattr(datamodule, "augments_randomly", False):
+        raise ConfigError(
+            "data.augment_views", getattr(datamodule, "augment_views", 0),
+            "model.teacher_cache needs deterministic augmentation: set data.augment_views to "
+            "K >= 1 (each image gets K fixed augmented views, view = epoch % K) or "
+            "data.augment=false, or turn off model.teacher_cache",
+        )

@@ -1,0 +1,126 @@
+"""DDP on 2 CPU processes (gloo), launched exactly as a user would: ``kd-lightning fit`` with
+``configs/trainer/ddp.yaml``.
+
+Checks: only the student is in DDP's gradient sync; the frozen teacher ends bit-identical
+on every rank and equal to its checkpoint; the student stays identical across ranks; and the
+validation metrics logged by the 2-process run (each rank sees half of the val set, metrics
+synced across ranks) equal a 1-process validation of the same checkpoint on the same data.
+
+Tolerance: accuracies/agreement are exact counts, so they must match to float precision;
+ECE, KL and the loss are float sums reduced in a different order across 2 ranks, so they
+agree to 1e-5 absolute. The 500-image val split divides evenly over 2 ranks, so Lightning's
+DistributedSampler adds no padding duplicates.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, REPO, logger_args
+
+VAL_KEYS = (
+    "val/student_acc", "val/student_ece", "val/teacher_acc", "val/teacher_ece",
+    "val/agreement", "val/kl_teacher_student", "val/loss",
+)
+TOLERANCE = 1e-5
+
+
+class DumpRankState(L.Callback):
+    """Saves, on every rank, what the test compares across ranks."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.wrapper: dict = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        wrapper = trainer.strategy.model  # what DDP wraps and syncs (unwrapped at teardown)
+        self.wrapper = {
+            "wrapper": type(wrapper).__name__,
+            "synced": {n: p.numel() for n, p in wrapper.named_parameters()},
+        }
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(
+            {
+                "world_size": trainer.world_size,
+                **self.wrapper,
+                "teacher": {k: v.clone() for k, v in pl_module.teacher.state_dict().items()},
+                "student": {k: v.clone() for k, v in pl_module.student.state_dict().items()},
+            },
+            Path(self.out_dir) / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def _last_val_row(metrics_csv: Path) -> dict[str, float]:
+    with open(metrics_csv) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/student_acc")]
+    return {k: float(rows[-1][k]) for k in VAL_KEYS}
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(mnist_teacher_ckpt, tmp_path):
+    out = tmp_path / "ranks"
+    out.mkdir()
+    cmd = [
+        sys.executable, "-m", "kd_lightning", "fit",
+        "-c", str(CONFIGS / "quickstart" / "kd.yaml"), "-c", str(CONFIGS / "trainer" / "ddp.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+        "--trainer.num_sanity_val_steps=0", f"--model.teacher.checkpoint={mnist_teacher_ckpt}",
+        *logger_args(tmp_path / "logs", "ddp"), f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+        "--test_after_fit=false",
+        "--trainer.callbacks+=tests.test_ddp.DumpRankState", f"--trainer.callbacks.out_dir={out}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["wrapper"] == "DistributedDataParallel" for r in ranks)
+
+    # DDP syncs the student only: no teacher tensor is among its parameters
+    student_numel = sum(v.numel() for k, v in ranks[0]["student"].items() if "running" not in k
+                        and "num_batches" not in k)
+    synced = ranks[0]["synced"]
+    assert synced and all(".student." in name for name in synced), sorted(synced)
+    assert sum(synced.values()) == student_numel
+
+    # the teacher is bit-identical on every rank and to the checkpoint it was built from
+    source = torch.load(mnist_teacher_ckpt, weights_only=False)["state_dict"]
+    source = {k[len("model."):]: v for k, v in source.items() if k.startswith("model.")}
+    for rank in ranks:
+        assert rank["teacher"].keys() == source.keys()
+        for k, v in source.items():
+            assert torch.equal(rank["teacher"][k], v), k
+    # gradient sync kept the student replicas identical
+    for k, v in ranks[0]["student"].items():
+        assert torch.equal(ranks[1]["student"][k], v), k
+
+    # the checkpoint holds no teacher
+    ckpt = tmp_path / "ckpt" / "best.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert state and not any("teacher" in k for k in state)
+
+    # validation metrics of the 2-rank run == 1-process validation of the same checkpoint
+    from kd_lightning.data import BundledMNISTDataModule
+    from kd_lightning.modules import DistillationModule
+
+    ddp_metrics = _last_val_row(tmp_path / "logs" / "ddp" / "version_0" / "metrics.csv")
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False).validate(
+        DistillationModule.load_from_checkpoint(ckpt, weights_only=False),
+        datamodule=BundledMNISTDataModule(batch_size=64, eval_batch_size=500, seed=0),
+        verbose=False,
+    )[0]
+    diffs = {key: abs(ddp_metrics[key] - single[key]) for key in VAL_KEYS}
+    print("2-rank vs 1-process val metrics, |difference|:", diffs)
+    for key in VAL_KEYS:
+        assert diffs[key] <= TOLERANCE, (key, ddp_metrics[key], single[key])
