@@ -1,0 +1,179 @@
+"""From per-run records to the results table: mean ± std over seeds, gain over scratch.
+
+Two accuracies are always reported side by side, because papers disagree on which one to
+quote (RepDistiller #16, mdistiller #30):
+
+* **best-val**: the test accuracy of the checkpoint whose *validation* accuracy was best;
+* **last**: the test accuracy of the final epoch's weights.
+
+Neither ever looks at test accuracy to pick an epoch. Standard deviations are sample
+standard deviations (ddof=1) over seeds; with a single run they are left empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+#: per-run metrics that are averaged over seeds (fractions in [0, 1], except KL in nats)
+METRICS = (
+    "test_acc_best", "test_acc_last",
+    "agreement_best", "agreement_last",
+    "test_ece_best", "test_ece_last",
+    "test_acc_top5_best", "test_acc_top5_last",
+    "kl_teacher_student_best",
+)
+
+#: the flat columns of results.csv, in order
+CSV_COLUMNS = (
+    "name", "kind", "n_seeds", "params",
+    *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
+    "gain_best", "gain_last",
+)
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof=1) of the non-missing values; std is None for one value."""
+    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def aggregate(records: list[dict[str, Any]], order: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """One row per stage (``order`` = [(kind, name), …]) from the per-run records."""
+    rows = []
+    for kind, name in order:
+        runs = sorted((r for r in records if r["stage"] == name), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        row: dict[str, Any] = {
+            "name": name, "kind": kind, "n_seeds": len(runs),
+            "seeds": [r["seed"] for r in runs], "params": runs[0].get("params"),
+        }
+        for m in METRICS:
+            row[f"{m}_mean"], row[f"{m}_std"] = mean_std([r.get(m) for r in runs])
+        row["per_seed"] = {m: [r.get(m) for r in runs] for m in ("test_acc_best", "test_acc_last")}
+        rows.append(row)
+    scratch = next((r for r in rows if r["kind"] == "scratch"), None)
+    for row in rows:
+        for which in ("best", "last"):
+            ours, ref = row[f"test_acc_{which}_mean"], scratch and scratch[f"test_acc_{which}_mean"]
+            row[f"gain_{which}"] = (
+                ours - ref if row["kind"] == "kd" and ours is not None and ref is not None else None
+            )
+    return rows
+
+
+def write_results(rows: list[dict[str, Any]], records: list[dict[str, Any]], out_dir: Path,
+                  meta: dict[str, Any]) -> dict[str, Path]:
+    """results.csv (flat), results.json (rows + every run), results.md (tables + legend)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {k: out_dir / f"results.{k}" for k in ("csv", "json", "md")}
+    with paths["csv"].open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+    paths["json"].write_text(json.dumps({"meta": meta, "rows": rows, "runs": records}, indent=2) + "\n")
+    paths["md"].write_text(markdown_table(rows, meta))
+    return paths
+
+
+def load_results(out_dir: str | Path) -> dict[str, Any]:
+    """The content of an experiment's ``results.json`` (``meta``, ``rows``, ``runs``)."""
+    return json.loads((Path(out_dir) / "results.json").read_text())
+
+
+# -- formatting -----------------------------------------------------------------------------
+def _pct(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return "—"
+    if std is None:
+        return f"{100 * mean:.{digits}f}"
+    return f"{100 * mean:.{digits}f} ± {100 * std:.{digits}f}"
+
+
+def _gain(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:+.2f}"
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+TABLE_HEADER = (
+    "row", "kind", "test acc, best-val ckpt (%)", "test acc, last epoch (%)",
+    "Δ scratch best (pp)", "Δ scratch last (pp)", "agreement w/ teacher (%)", "ECE (%)",
+    "params", "seeds",
+)
+
+
+def table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            r["name"], r["kind"],
+            _pct(r["test_acc_best_mean"], r["test_acc_best_std"]),
+            _pct(r["test_acc_last_mean"], r["test_acc_last_std"]),
+            _gain(r["gain_best"]), _gain(r["gain_last"]),
+            _pct(r["agreement_best_mean"], r["agreement_best_std"]) if r["kind"] != "teacher" else "—",
+            _pct(r["test_ece_best_mean"], r["test_ece_best_std"]),
+            _params(r["params"]), str(r["n_seeds"]),
+        ]
+        for r in rows
+    ]
+
+
+def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
+    meta = meta or {}
+    lines = []
+    if meta.get("name"):
+        lines += [f"### Experiment `{meta['name']}`", ""]
+    lines += ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(c) + " |" for c in table_cells(rows)]
+    lines += [
+        "",
+        "- **best-val ckpt**: test accuracy of the epoch with the best *validation* accuracy; "
+        "**last epoch**: test accuracy after the final epoch. Test data never picks an epoch.",
+        "- mean ± sample std (ddof=1) over seeds; Δ = KD mean − scratch mean, in percentage points.",
+        "- agreement = share of test images where the student's top-1 equals the teacher's; "
+        "ECE = 15-bin expected calibration error; both for the best-val checkpoint.",
+    ]
+    if meta.get("seeds") is not None:
+        lines.append(f"- student seeds: {meta['seeds']}; the teacher is one run.")
+    students = [r for r in rows if r["kind"] != "teacher"]
+    if students and max(r["n_seeds"] for r in students) > 1:
+        lines += ["", "Per-seed test accuracy (%), best-val / last:", ""]
+        seeds = sorted({s for r in students for s in r["seeds"]})
+        lines += ["| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---|" + "---|" * len(seeds)]
+        for r in students:
+            by_seed = dict(zip(r["seeds"], zip(r["per_seed"]["test_acc_best"],
+                                               r["per_seed"]["test_acc_last"])))
+            cells = []
+            for s in seeds:
+                best, last = by_seed.get(s, (None, None))
+                if best is None:
+                    cells.append("—")
+                elif last is None:
+                    cells.append(f"{100 * best:.2f}")
+                else:
+                    cells.append(f"{100 * best:.2f} / {100 * last:.2f}")
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(rows: list[dict[str, Any]]) -> str:
+    """The results table for the terminal (fixed-width columns)."""
+    cells = [list(TABLE_HEADER), *table_cells(rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,464 @@
+"""``kd-lightning experiment --config configs/experiments/<name>.yaml``.
+
+Runs, in this order and in this process, each as an ordinary ``kd-lightning fit``:
+
+1. the teacher (or only tests a given checkpoint);
+2. the from-scratch student, once per seed;
+3. every KD stage, once per seed, distilling from the teacher's best-val checkpoint.
+
+Every fitted run is then tested twice — with its best-val checkpoint and with its final
+weights (``checkpoints/final.ckpt``) — and its test-set predictions are saved, so agreement with the teacher and the
+reliability diagrams come from the same numbers. A finished run leaves ``done.json``; a
+rerun skips it unless its arguments or config files changed, so a crashed experiment resumes.
+
+Layout of ``<output_dir>``::
+
+    results.{csv,json,md}  plots/*.png  experiment.yaml  overrides.yaml
+    <stage>/overrides.yaml
+    <stage>/seed<k>/{done.json, command.txt, history.jsonl, test_predictions.pt,
+                     checkpoints/, logs/ or wandb/}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import io
+import json
+import logging
+import shlex
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.experiment.progress import ProgressCallback
+from kd_lightning.experiment.results import aggregate, text_table, write_results
+from kd_lightning.experiment.spec import (
+    ExperimentSpec,
+    Stage,
+    TeacherStage,
+    parse_spec,
+    resolve_path,
+)
+from kd_lightning.tracking import git_revision, log_experiment_to_wandb, log_summary, wandb_settings
+
+PROGRESS = f"{ProgressCallback.__module__}.{ProgressCallback.__qualname__}"
+_MISSING = object()
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """``kd-lightning experiment ...``; returns the rows of the results table."""
+    spec = parse_spec(list(sys.argv[1:] if argv is None else argv))
+    return Experiment(spec).run()
+
+
+class Experiment:
+    """Plans, runs (or skips) and summarises the runs of one ``ExperimentSpec``."""
+
+    def __init__(self, spec: ExperimentSpec) -> None:
+        self.spec = spec
+        self.out = spec.out_dir.resolve()
+        #: stage name → "csv" | "tensorboard" | "wandb" | "none" | "other"
+        self.loggers = {stage.name: self._logger_kind(stage) for _, stage in spec.stages()}
+        if spec.online and "wandb" not in self.loggers.values():
+            raise ConfigError(
+                "online", True, "online only applies to W&B: also set logger: configs/logger/wandb.yaml"
+            )
+
+    # -- the whole experiment -------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        spec, t0 = self.spec, time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "experiment.yaml").write_text(
+            yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False)
+        )
+        n_runs = 1 + len(spec.seeds) * (1 + len(spec.kd))
+        print(f"[{spec.name}] {n_runs} runs → {self.out}", flush=True)
+        with _quiet_lightning():
+            self._preflight()
+            records = [self._teacher()]
+            teacher_dir = self._run_dir(spec.teacher, records[0]["seed"])
+            for kind, stage in spec.stages()[1:]:
+                for seed in spec.seeds:
+                    records.append(self._student(kind, stage, seed, records[0], teacher_dir))
+        order = [(kind, stage.name) for kind, stage in spec.stages()]
+        rows = aggregate(records, order)
+        meta = {
+            "name": spec.name, "seeds": spec.seeds, "output_dir": str(self.out),
+            "teacher_checkpoint": records[0]["best_ckpt"],
+            "wall_seconds_this_invocation": round(time.perf_counter() - t0, 1),
+            "run_seconds_total": round(sum(r.get("seconds") or 0 for r in records), 1),
+            "torch": torch.__version__, **git_revision(),
+        }
+        paths = write_results(rows, records, self.out, meta)
+        print(f"\n[{spec.name}] results ({len(records)} runs, {meta['run_seconds_total']:.0f} s of "
+              f"training+testing)\n{text_table(rows)}\n→ {paths['md']}", flush=True)
+        images: list[Path] = []
+        if spec.plots:
+            from kd_lightning.experiment.plots import make_plots
+
+            images = make_plots(self.out, rows, records)
+        if "wandb" in self.loggers.values():
+            log_experiment_to_wandb(
+                spec.name, self.out, [_flat(r) for r in rows], images, spec.online,
+                wandb_settings(self._logger_entry(spec.teacher)[1]),
+            )
+        return rows
+
+    # -- the stages -----------------------------------------------------------------------
+    def _teacher_plan(self) -> tuple[list[str], str, bool]:
+        """(arguments, what else the run depends on, fit?) of the teacher run."""
+        stage, seed = self.spec.teacher, self.spec.teacher.seed
+        run_dir = self._run_dir(stage, seed)
+        if stage.checkpoint is None:
+            return self._fit_args("teacher", stage, seed, run_dir), "", True
+        ckpt = resolve_path(self.spec, stage.checkpoint, "teacher.checkpoint")
+        stat = ckpt.stat()  # a replaced checkpoint file makes every run stale
+        return self._test_args(stage, seed, run_dir, ckpt), f"{ckpt}:{stat.st_size}:{stat.st_mtime_ns}", False
+
+    def _teacher(self) -> dict[str, Any]:
+        stage, seed = self.spec.teacher, self.spec.teacher.seed
+        args, extra, fit = self._teacher_plan()
+        return self._execute("teacher", stage, seed, self._run_dir(stage, seed), args, extra, fit=fit)
+
+    def _student(self, kind: str, stage: Stage, seed: int, teacher: dict[str, Any],
+                 teacher_dir: Path) -> dict[str, Any]:
+        run_dir = self._run_dir(stage, seed)
+        args = self._fit_args(kind, stage, seed, run_dir, teacher_ckpt=teacher["best_ckpt"])
+        return self._execute(kind, stage, seed, run_dir, args, key_extra=teacher["key"],
+                             teacher_dir=teacher_dir)
+
+    # -- building one run's arguments ----------------------------------------------------
+    def _run_dir(self, stage: Stage | TeacherStage, seed: int) -> Path:
+        return self.out / stage.name / f"seed{seed}"
+
+    def _config_files(self, stage: Stage | TeacherStage) -> list[Path]:
+        spec = self.spec
+        files = [resolve_path(spec, p, f"base[{i}]") for i, p in enumerate(spec.base)]
+        files += [resolve_path(spec, p, f"{stage.name}.configs[{i}]") for i, p in enumerate(stage.configs)]
+        if spec.logger:
+            files.append(resolve_path(spec, spec.logger, "logger"))
+        return files
+
+    def _fragments(self, stage: Stage | TeacherStage) -> list[Path]:
+        """The experiment's and the stage's ``overrides`` as config files (applied last)."""
+        out = []
+        for data, path in ((self.spec.overrides, self.out / "overrides.yaml"),
+                           (stage.overrides, self.out / stage.name / "overrides.yaml")):
+            if data:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(yaml.safe_dump(data, sort_keys=False))
+                out.append(path)
+        return out
+
+    def _common_args(self, kind: str, stage: Stage | TeacherStage, seed: int, run_dir: Path) -> list[str]:
+        args = []
+        for f in [*self._config_files(stage), *self._fragments(stage)]:
+            args += ["-c", str(f)]
+        args += [f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}"]
+        logger = self.loggers[stage.name]
+        if logger in ("csv", "tensorboard"):
+            args += [f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.logger.init_args.name=logs"]
+        elif logger == "wandb":
+            args += [
+                f"--trainer.logger.init_args.save_dir={run_dir}",
+                f"--trainer.logger.init_args.name={stage.name}-seed{seed}",
+                f"--trainer.logger.init_args.group={self.spec.name}",
+                f"--trainer.logger.init_args.job_type={kind}",
+            ]
+            if self.spec.online:
+                args.append("--trainer.logger.init_args.offline=false")
+        return args
+
+    def _fit_args(self, kind: str, stage: Stage | TeacherStage, seed: int, run_dir: Path,
+                  teacher_ckpt: str | None = None) -> list[str]:
+        progress = {"class_path": PROGRESS, "init_args": {
+            "label": f"[{self.spec.name}] {stage.name} seed {seed}",
+            "history_path": str(run_dir / "history.jsonl"),
+        }}
+        args = ["fit", *self._common_args(kind, stage, seed, run_dir),
+                "--test_after_fit=false", f"--checkpoint.dirpath={run_dir / 'checkpoints'}",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.callbacks+={json.dumps(progress)}"]
+        if kind == "kd":
+            # every KD stage distils from this experiment's teacher
+            args.append(f"--model.init_args.teacher={json.dumps({'checkpoint': teacher_ckpt})}")
+        return [*args, *self.spec.args]
+
+    def _test_args(self, stage: TeacherStage, seed: int, run_dir: Path, ckpt: Path) -> list[str]:
+        """Test a reused teacher checkpoint: its architecture is read from the file."""
+        hparams = _load_ckpt(ckpt, "teacher.checkpoint").get("hyper_parameters", {})
+        if "model" not in hparams:
+            raise ConfigError("teacher.checkpoint", str(ckpt), "this is not a ClassifierModule checkpoint")
+        return ["test", *self._common_args("teacher", stage, seed, run_dir),
+                "--model=kd_lightning.modules.ClassifierModule",
+                f"--model.init_args.model={hparams['model']}",
+                f"--model.init_args.model_kwargs={json.dumps(hparams.get('model_kwargs') or {})}",
+                f"--ckpt_path={ckpt}", "--trainer.enable_progress_bar=false", *self.spec.args]
+
+    def _logger_entry(self, stage: Stage | TeacherStage) -> tuple[str, Any]:
+        """The ``trainer.logger`` value this stage's runs end up with (last one wins)."""
+        entry: Any = _MISSING
+        sources = [yaml.safe_load(f.read_text()) for f in self._config_files(stage)]
+        for data in [*sources, self.spec.overrides, stage.overrides]:
+            trainer = (data or {}).get("trainer") if isinstance(data, dict) else None
+            if isinstance(trainer, dict) and "logger" in trainer:
+                entry = trainer["logger"]
+        for a in self.spec.args:
+            if a.startswith("--trainer.logger="):
+                entry = yaml.safe_load(a.split("=", 1)[1])
+        if entry is _MISSING:
+            return "csv", None  # kd_lightning.cli's default
+        if entry is False:
+            return "none", entry
+        class_path = entry.get("class_path", "") if isinstance(entry, dict) else str(entry or "")
+        for kind, cls in (("wandb", "WandbLogger"), ("tensorboard", "TensorBoardLogger"),
+                          ("csv", "CSVLogger")):
+            if class_path.endswith(cls):
+                return kind, entry
+        return "other", entry  # trainer.default_root_dir still keeps it inside the run dir
+
+    def _logger_kind(self, stage: Stage | TeacherStage) -> str:
+        return self._logger_entry(stage)[0]
+
+    def _preflight(self) -> None:
+        """Parse the arguments of every stage that still has runs to do, before anything
+        trains: a typo in a KD stage must not surface only after the teacher and the
+        scratch runs have finished."""
+        spec, checks = self.spec, []
+        t_args, t_extra, _ = self._teacher_plan()
+        t_dir = self._run_dir(spec.teacher, spec.teacher.seed)
+        teacher = _finished(t_dir, _run_key(t_args, t_extra))
+        if teacher is None:
+            checks.append(("teacher", t_args))
+        for i, (kind, stage) in enumerate(spec.stages()[1:]):
+            field = "scratch" if kind == "scratch" else f"kd[{i - 1}]"
+            ckpt = teacher["best_ckpt"] if teacher else str(t_dir / "checkpoints" / "best.ckpt")
+            todo = [
+                args for seed in spec.seeds
+                for args in [self._fit_args(kind, stage, seed, self._run_dir(stage, seed), ckpt)]
+                if teacher is None
+                or _finished(self._run_dir(stage, seed), _run_key(args, teacher["key"])) is None
+            ]
+            if todo:
+                checks.append((field, todo[0]))
+        from kd_lightning.cli import main as cli_main
+
+        for field, args in checks:
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                    cli_main([*args, "--print_config"])
+            except ConfigError as exc:  # the CLI's own one-line errors (unknown names …)
+                raise ConfigError(
+                    field, exc.value, f"kd-lightning {args[0]} rejects this stage's arguments: {exc}"
+                ) from None
+            except SystemExit as exc:
+                if exc.code not in (0, None):
+                    reason = " ".join(err.getvalue().strip().splitlines()[-8:])
+                    raise ConfigError(
+                        field, args[1:], f"kd-lightning {args[0]} rejects these arguments: {reason}"
+                    ) from None
+
+    # -- running one -----------------------------------------------------------------------
+    def _execute(self, kind: str, stage: Stage | TeacherStage, seed: int, run_dir: Path,
+                 args: list[str], key_extra: str, fit: bool = True,
+                 teacher_dir: Path | None = None) -> dict[str, Any]:
+        key = _run_key(args, key_extra)
+        done = run_dir / "done.json"
+        tag = f"[{self.spec.name}] {stage.name} seed {seed}"
+        record = _finished(run_dir, key)
+        if record is not None:
+            print(f"{tag}: done before, skipped ({done})", flush=True)
+            return record
+        if done.is_file():
+            print(f"{tag}: its arguments or config files changed since it finished: re-running",
+                  flush=True)
+        if run_dir.exists():  # an unfinished (crashed) or stale run restarts from scratch
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "command.txt").write_text("kd-lightning " + shlex.join(args) + "\n")
+        print(f"{tag}: {'training' if fit else 'testing the given checkpoint'}", flush=True)
+
+        from kd_lightning.cli import main as cli_main
+
+        t0 = time.perf_counter()
+        try:
+            cli = cli_main(args)
+            record = (_fit_then_test if fit else _tested)(cli, run_dir)
+        finally:
+            _finish_wandb()
+        record.update(stage=stage.name, kind=kind, seed=seed, key=key,
+                      seconds=round(time.perf_counter() - t0, 2), command=args)
+        if teacher_dir is not None:
+            record.update(_agreement(run_dir, teacher_dir))
+        del cli
+        gc.collect()
+        done.write_text(json.dumps(record, indent=2) + "\n")
+        last = record["test_acc_last"]
+        print(f"{tag}: test acc {record['test_acc_best']:.4f} (best-val ckpt, epoch "
+              f"{record['best_epoch']})" + ("" if last is None else f", {last:.4f} (last epoch)")
+              + f"  [{record['seconds']:.1f} s]", flush=True)
+        return record
+
+
+# -- helpers on a finished CLI run ------------------------------------------------------------
+def _fit_then_test(cli: Any, run_dir: Path) -> dict[str, Any]:
+    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None:
+        raise ConfigError("checkpoint", None, "the run saved no checkpoint; keep checkpointing enabled")
+    # The final weights, saved here: ModelCheckpoint's last.ckpt is only refreshed when a
+    # new best is saved (Lightning ≥ 2.6), so it can be the best epoch, not the last one.
+    last = str(run_dir / "checkpoints" / "final.ckpt")
+    trainer.save_checkpoint(last, weights_only=False)
+    best = ckpt.best_model_path or last  # no validation at all: the last epoch is all there is
+    record: dict[str, Any] = {"best_ckpt": best, "last_ckpt": last, "epochs": trainer.current_epoch}
+    preds: dict[str, torch.Tensor] = {}
+    for which, path in (("last", last), ("best", best)):  # best last: the model ends on it
+        out = trainer.test(model, datamodule=dm, ckpt_path=path, weights_only=False, verbose=False)
+        record.update(_test_metrics(out[0] if out else {}, which))
+        preds[f"probs_{which}"], preds["labels"] = _predict(model, dm)
+    # checkpoints store the 0-based epoch they were saved in; report epochs 1-based like the logs
+    record["best_epoch"] = int(_load_ckpt(Path(best), "checkpoint")["epoch"]) + 1
+    record["params"] = _param_count(model)
+    log_summary(trainer.loggers, {f"final/test_acc_{w}": record[f"test_acc_{w}"]
+                                  for w in ("best", "last")}, trainer.global_step)
+    torch.save(preds, run_dir / "test_predictions.pt")
+    return record
+
+
+def _tested(cli: Any, run_dir: Path) -> dict[str, Any]:
+    """A `test` run of an existing checkpoint: one set of weights, reported as best-val."""
+    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    record: dict[str, Any] = {"best_ckpt": str(trainer.ckpt_path), "last_ckpt": None, "epochs": None}
+    record.update(_test_metrics(metrics, "best"))
+    record.update({k: None for k in _test_metrics({}, "last")})
+    epoch = _load_ckpt(Path(trainer.ckpt_path), "teacher.checkpoint").get("epoch")
+    record["best_epoch"] = None if epoch is None else int(epoch) + 1
+    record["params"] = _param_count(model)
+    probs, labels = _predict(model, dm)
+    torch.save({"probs_best": probs, "labels": labels}, run_dir / "test_predictions.pt")
+    return record
+
+
+def _test_metrics(out: dict[str, float], which: str) -> dict[str, float | None]:
+    """ClassifierModule (``test/acc``) and DistillationModule (``test/student_acc``) keys
+    mapped to one naming."""
+    def pick(name: str) -> float | None:
+        for key in (f"test/student_{name}", f"test/{name}"):
+            if key in out:
+                return float(out[key])
+        return None
+
+    record = {
+        f"test_acc_{which}": pick("acc"),
+        f"test_ece_{which}": pick("ece"),
+        f"test_acc_top5_{which}": pick("acc_top5"),
+    }
+    if which == "best":
+        record["kl_teacher_student_best"] = pick("kl_teacher_student")
+        record["teacher_test_acc"] = pick("teacher_acc")
+    return record
+
+
+@torch.inference_mode()
+def _predict(model: torch.nn.Module, dm: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities and labels on the whole test split, in the loader's order."""
+    model.eval()
+    device = next(model.parameters()).device
+    probs, labels = [], []
+    for batch in dm.test_dataloader():
+        probs.append(model(batch["image"].to(device)).float().softmax(dim=1).cpu())
+        labels.append(batch["label"].cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def _agreement(run_dir: Path, teacher_dir: Path) -> dict[str, float | None]:
+    student = torch.load(run_dir / "test_predictions.pt", weights_only=True)
+    teacher = torch.load(teacher_dir / "test_predictions.pt", weights_only=True)
+    if not torch.equal(student["labels"], teacher["labels"]):
+        raise ConfigError(
+            "base", "data", "the teacher and this student were tested on different test sets: "
+            "keep the data settings (data.seed, fractions) identical across stages",
+        )
+    ref = teacher["probs_best"].argmax(1)
+    return {f"agreement_{w}": float((student[f"probs_{w}"].argmax(1) == ref).float().mean())
+            for w in ("best", "last") if f"probs_{w}" in student}
+
+
+def _param_count(model: torch.nn.Module) -> int:
+    """Parameters of the deployable network (the student; never the teacher or adapters)."""
+    net = getattr(model, "student", None) or getattr(model, "model", None) or model
+    return sum(p.numel() for p in net.parameters())
+
+
+def _load_ckpt(path: Path, field: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise ConfigError(field, str(path), f"cannot read this checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _finished(run_dir: Path, key: str) -> dict[str, Any] | None:
+    """The record of a finished run with exactly this key, else None."""
+    done = run_dir / "done.json"
+    if not done.is_file():
+        return None
+    try:
+        record = json.loads(done.read_text())
+    except json.JSONDecodeError:  # cut short while writing: the run counts as unfinished
+        return None
+    return record if record.get("key") == key else None
+
+
+#: bumped when what a run records changes, so records of older runners count as stale
+RECORD_VERSION = 2
+
+
+def _run_key(args: list[str], extra: str) -> str:
+    """Identifies a run by its arguments *and* the content of its config files."""
+    h = hashlib.sha256(json.dumps([RECORD_VERSION, args]).encode() + extra.encode())
+    for flag, value in zip(args, args[1:]):
+        if flag == "-c":
+            h.update(Path(value).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _finish_wandb() -> None:
+    """Lightning's WandbLogger leaves its run open; the next run must not reuse it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(quiet=True)
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not isinstance(v, dict | list)}
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Progress lines instead of Lightning's per-run banners (GPU available …) and of
+    warnings that repeat for every run without saying anything about the experiment."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

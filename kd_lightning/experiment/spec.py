@@ -1,0 +1,198 @@
+"""The experiment file: which runs make up a results table, and how to launch each one.
+
+An experiment is a teacher, a from-scratch student baseline and one or more KD students,
+the students each over ``seeds``. Every run is an ordinary ``kd-lightning fit`` built from
+config files (``-c``) plus an ``overrides`` fragment in the same YAML layout, so whatever
+works on the command line works here. See ``configs/experiments/quickstart.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from kd_lightning.errors import ConfigError
+
+
+@dataclass
+class Stage:
+    """One row of the results table: a student recipe, trained once per seed.
+
+    Args:
+        name: the row's name; also its run folder (``<output_dir>/<name>/seed<k>``).
+        configs: kd-lightning config files, applied in order after the experiment's ``base``.
+        overrides: a config fragment in the same YAML layout as the files, applied last,
+            e.g. ``{model: {init_args: {heads: [...]}}}`` or ``{trainer: {max_epochs: 20}}``.
+    """
+
+    name: str
+    configs: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherStage:
+    """The teacher: trained once (one seed), or an existing checkpoint that is only tested.
+
+    Args:
+        name: the row's name and run folder.
+        configs: config files of a ClassifierModule run (after the experiment's ``base``).
+        overrides: a config fragment applied last.
+        checkpoint: an existing ClassifierModule ``.ckpt`` to reuse instead of training; it is
+            tested with the experiment's data so the table still has the teacher's row.
+        seed: the teacher run's ``seed_everything``.
+    """
+
+    name: str = "teacher"
+    configs: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class ExperimentSpec:
+    """A whole experiment; see the module docstring and ``docs/experiments.md``."""
+
+    name: str
+    teacher: TeacherStage
+    scratch: Stage
+    kd: list[Stage]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    output_dir: str | None = None
+    base: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    logger: str | None = None
+    online: bool = False
+    args: list[str] = field(default_factory=list)
+    plots: bool = True
+    #: the experiment file's folder: relative config paths are also looked up from here
+    #: and its parents (set by ``parse_spec``, not by the user)
+    source_dir: str | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/experiments/{self.name}")
+
+    def stages(self) -> list[tuple[str, Stage | TeacherStage]]:
+        """(kind, stage) in run order: teacher, scratch, then each KD variant."""
+        return [("teacher", self.teacher), ("scratch", self.scratch), *(("kd", s) for s in self.kd)]
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="kd-lightning experiment",
+        description="Train a teacher, a scratch student and KD students over seeds; write a "
+        "results table (best-val and last epoch, mean ± std) and plots.",
+        default_env=False,
+    )
+    p.add_argument("--config", action=ActionConfigFile, help="the experiment YAML file")
+    p.add_argument("--name", type=str, required=True, help="experiment name (W&B group)")
+    p.add_argument("--teacher", type=TeacherStage, default=TeacherStage())
+    p.add_argument("--scratch", type=Stage, required=True)
+    p.add_argument("--kd", type=list[Stage], required=True)
+    p.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="student seeds")
+    p.add_argument("--output_dir", type=str | None, default=None,
+                   help="default: runs/experiments/<name>")
+    p.add_argument("--base", type=list[str], default=[],
+                   help="config files shared by every run (data, trainer), applied first")
+    p.add_argument("--overrides", type=dict[str, Any], default={},
+                   help="a config fragment applied to every run (before each stage's own)")
+    p.add_argument("--logger", type=str | None, default=None,
+                   help="a logger config file, e.g. configs/logger/wandb.yaml; default: CSV")
+    p.add_argument("--online", type=bool, default=False,
+                   help="W&B only: sync runs to the server (configs/logger/wandb.yaml is offline)")
+    p.add_argument("--args", type=list[str], default=[],
+                   help="raw kd-lightning flags appended last to every run, "
+                   "e.g. '[--trainer.max_epochs=1]'")
+    p.add_argument("--plots", type=bool, default=True, help="write PNG plots next to the results")
+    return p
+
+
+def parse_spec(argv: list[str]) -> ExperimentSpec:
+    """Parse ``kd-lightning experiment`` arguments into a checked ``ExperimentSpec``."""
+    cfg = build_parser().parse_args(argv).as_dict()
+    files = cfg.pop("config", None) or []
+    source = Path(str(files[-1])).resolve().parent if files else None
+    spec = ExperimentSpec(
+        name=cfg["name"],
+        teacher=TeacherStage(**cfg["teacher"]),
+        scratch=Stage(**cfg["scratch"]),
+        kd=[Stage(**s) for s in cfg["kd"]],
+        seeds=list(cfg["seeds"]),
+        output_dir=cfg["output_dir"],
+        base=list(cfg["base"]),
+        overrides=dict(cfg["overrides"] or {}),
+        logger=cfg["logger"],
+        online=cfg["online"],
+        args=list(cfg["args"]),
+        plots=cfg["plots"],
+        source_dir=str(source) if source else None,
+    )
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec: ExperimentSpec) -> None:
+    """Every mistake that can be caught before the first training step."""
+    if not spec.name or "/" in spec.name:
+        raise ConfigError("name", spec.name, "give a non-empty name without '/' (it names folders)")
+    if not spec.seeds:
+        raise ConfigError("seeds", spec.seeds, "give at least one seed, e.g. [0, 1, 2]")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError("seeds", spec.seeds, "seeds repeat: each seed is one run, list it once")
+    if not spec.kd:
+        raise ConfigError("kd", spec.kd, "give at least one KD stage")
+    names = [s.name for _, s in spec.stages()]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError("kd", names, f"stage names {dupes} repeat: give each stage its own name")
+    for n in names:
+        if not n or "/" in n or n.startswith("."):
+            raise ConfigError("kd.name", n, "stage names name folders: no '/', not empty")
+    if spec.teacher.checkpoint is None and not spec.teacher.configs:
+        raise ConfigError(
+            "teacher", spec.teacher, "give teacher.configs (to train it) or teacher.checkpoint (to reuse one)"
+        )
+    if spec.teacher.checkpoint is not None:
+        resolve_path(spec, spec.teacher.checkpoint, "teacher.checkpoint")
+    for i, path in enumerate(spec.base):
+        resolve_path(spec, path, f"base[{i}]")
+    for field_name, stage in _named_stages(spec):
+        for i, path in enumerate(stage.configs):
+            resolve_path(spec, path, f"{field_name}.configs[{i}]")
+    if spec.logger is not None:
+        resolve_path(spec, spec.logger, "logger")
+    for a in spec.args:
+        if not a.startswith("--"):
+            raise ConfigError("args", a, "each entry is one flag such as --trainer.max_epochs=1")
+
+
+def _named_stages(spec: ExperimentSpec) -> list[tuple[str, Stage | TeacherStage]]:
+    return [("teacher", spec.teacher), ("scratch", spec.scratch),
+            *((f"kd[{i}]", s) for i, s in enumerate(spec.kd))]
+
+
+def resolve_path(spec: ExperimentSpec, path: str, field_name: str) -> Path:
+    """A path as given, else relative to the experiment file's folder or one of its parents.
+
+    So ``configs/quickstart/teacher.yaml`` inside ``configs/experiments/x.yaml`` works from
+    the repository root, from a notebook folder or from any other working directory.
+    """
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        if not p.exists():
+            raise ConfigError(field_name, path, "no such file: fix the path")
+        return p.resolve()
+    if spec.source_dir:
+        for folder in (Path(spec.source_dir), *Path(spec.source_dir).parents):
+            if (folder / p).exists():
+                return (folder / p).resolve()
+    raise ConfigError(
+        field_name, path,
+        "no such file (looked in the working directory and beside the experiment file and its "
+        "parents): fix the path",
+    )

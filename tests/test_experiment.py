@@ -1,0 +1,195 @@
+"""`kd-lightning experiment`: runs end to end, resumes, and reports numbers that add up."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from torchmetrics.classification import MulticlassCalibrationError
+
+from kd_lightning.cli import main
+from kd_lightning.errors import ConfigError
+from kd_lightning.experiment import aggregate, mean_std, parse_spec
+from kd_lightning.experiment.plots import reliability_bins
+from kd_lightning.experiment.results import markdown_table
+from kd_lightning.experiment.runner import Experiment, _run_key
+from tests.conftest import CONFIGS
+
+SMOKE = str(CONFIGS / "experiments" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """The smoke experiment (teacher, scratch ×2 seeds, KD ×2 seeds), run once per module."""
+    out = tmp_path_factory.mktemp("smoke") / "exp"
+    main(["experiment", "--config", SMOKE, f"--output_dir={out}"])
+    return out
+
+
+def _records(out: Path) -> dict[tuple[str, int], dict]:
+    return {(d["stage"], d["seed"]): d for d in
+            (json.loads(p.read_text()) for p in out.glob("*/seed*/done.json"))}
+
+
+def test_smoke_outputs_are_consistent(smoke: Path) -> None:
+    for name in ("results.csv", "results.json", "results.md", "experiment.yaml"):
+        assert (smoke / name).is_file(), name
+    data = json.loads((smoke / "results.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["teacher", "scratch", "kd_t4"]
+    assert [rows[n]["n_seeds"] for n in rows] == [1, 2, 2]
+    records = _records(smoke)
+    assert len(records) == 5 and len(data["runs"]) == 5
+
+    # mean ± sample std recomputed from the per-run done.json files
+    for name in ("scratch", "kd_t4"):
+        for metric in ("test_acc_best", "test_acc_last", "agreement_best", "test_ece_best"):
+            values = [records[(name, s)][metric] for s in (0, 1)]
+            assert rows[name][f"{metric}_mean"] == pytest.approx(statistics.fmean(values))
+            assert rows[name][f"{metric}_std"] == pytest.approx(statistics.stdev(values))
+    assert rows["teacher"]["test_acc_best_std"] is None  # one run: no spread to report
+    for which in ("best", "last"):
+        gain = rows["kd_t4"][f"test_acc_{which}_mean"] - rows["scratch"][f"test_acc_{which}_mean"]
+        assert rows["kd_t4"][f"gain_{which}"] == pytest.approx(gain)
+        assert rows["scratch"][f"gain_{which}"] is None
+
+    # results.csv holds the same numbers as results.json
+    with (smoke / "results.csv").open() as fh:
+        table = {r["name"]: r for r in csv.DictReader(fh)}
+    assert float(table["kd_t4"]["test_acc_best_mean"]) == pytest.approx(rows["kd_t4"]["test_acc_best_mean"])
+    assert float(table["kd_t4"]["gain_last"]) == pytest.approx(rows["kd_t4"]["gain_last"])
+    assert table["teacher"]["test_acc_best_std"] == ""
+
+    md = (smoke / "results.md").read_text()
+    assert "best-val ckpt" in md and "last epoch" in md and "Per-seed" in md
+    mean, std = 100 * rows["kd_t4"]["test_acc_best_mean"], 100 * rows["kd_t4"]["test_acc_best_std"]
+    assert f"{mean:.2f} ± {std:.2f}" in md
+
+    for png in ("results_bars", "val_curves", "reliability"):
+        assert (smoke / "plots" / f"{png}.png").stat().st_size > 5_000
+
+
+def test_smoke_run_artifacts(smoke: Path) -> None:
+    teacher = torch.load(smoke / "teacher" / "seed0" / "test_predictions.pt", weights_only=True)
+    for (stage, seed), rec in _records(smoke).items():
+        run = smoke / stage / f"seed{seed}"
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        assert [h["epoch"] for h in history] == [0, 1]  # the progress callback, one row per epoch
+        assert rec["epochs"] == 2 and 1 <= rec["best_epoch"] <= 2
+        assert Path(rec["best_ckpt"]).is_file()
+        # "last" really is the final weights (2 epochs × 3 batches), whatever epoch was best
+        assert torch.load(rec["last_ckpt"], weights_only=False)["global_step"] == 6
+        if stage != "teacher":
+            assert rec["params"] == 50_890  # the 1×64 MLP student: 784·64+64 + 64·10+10
+        assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+        # the run's resolved config went to the logger together with the git revision
+        assert "git_commit" in (run / "logs" / "version_0" / "hparams.yaml").read_text()
+        if stage == "teacher":
+            continue
+        preds = torch.load(run / "test_predictions.pt", weights_only=True)
+        same = (preds["probs_best"].argmax(1) == teacher["probs_best"].argmax(1)).float().mean()
+        assert rec["agreement_best"] == pytest.approx(float(same))
+        if stage == "kd_t4":
+            assert rec["kl_teacher_student_best"] > 0 and rec["teacher_test_acc"] is not None
+
+
+def test_resume_skips_finished_runs(smoke: Path, capsys) -> None:
+    before = _records(smoke)
+    (smoke / "kd_t4" / "seed1" / "done.json").unlink()  # as if it crashed mid-run
+    (smoke / "kd_t4" / "seed1" / "history.jsonl").write_text('{"epoch": 0, "val/st')  # torn line
+    capsys.readouterr()
+    main(["experiment", "--config", SMOKE, f"--output_dir={smoke}", "--plots=false"])
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 4
+    assert "kd_t4 seed 1: training" in out
+    after = _records(smoke)
+    for key in before:
+        if key != ("kd_t4", 1):
+            assert after[key]["seconds"] == before[key]["seconds"]  # untouched
+    history = (smoke / "kd_t4" / "seed1" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 2  # the crashed run restarted from a clean folder
+
+
+def test_reused_teacher_checkpoint_and_tensorboard(mnist_teacher_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exp"
+    rows = main([
+        "experiment", "--config", SMOKE, f"--output_dir={out}", "--seeds=[3]",
+        # a given checkpoint is only tested: its run needs the data config, not a model config
+        f"--teacher.checkpoint={mnist_teacher_ckpt}", "--teacher.configs=[configs/data/bundled_mnist.yaml]",
+        f"--logger={CONFIGS / 'logger' / 'tensorboard.yaml'}", "--plots=false",
+    ])
+    teacher = rows[0]
+    assert teacher["name"] == "teacher" and teacher["test_acc_best_mean"] is not None
+    assert teacher["test_acc_last_mean"] is None  # a given checkpoint has no "last epoch"
+    assert "| teacher | teacher |" in (out / "results.md").read_text()
+    kd = json.loads((out / "kd_t4" / "seed3" / "done.json").read_text())
+    assert json.dumps({"checkpoint": str(mnist_teacher_ckpt.resolve())}) in " ".join(kd["command"])
+    assert list((out / "kd_t4" / "seed3" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_bad_experiment_files_fail_before_training(tmp_path: Path) -> None:
+    base = ["--config", SMOKE, f"--output_dir={tmp_path / 'x'}"]
+    with pytest.raises(ConfigError, match=r"kd\[0\]\.configs\[0\]"):
+        parse_spec([*base, '--kd=[{"name": "kd", "configs": ["configs/nope.yaml"]}]'])
+    with pytest.raises(ConfigError, match="seeds"):
+        parse_spec([*base, "--seeds=[1, 1]"])
+    with pytest.raises(ConfigError, match="repeat"):
+        parse_spec([*base, '--kd=[{"name": "scratch"}]'])
+    with pytest.raises(ConfigError, match="online"):
+        Experiment(parse_spec([*base, "--online=true"]))
+    # a typo in the last stage is caught by parsing every stage before the teacher trains
+    typo = '--kd=[{"name": "kd", "configs": ["configs/quickstart/kd.yaml"], ' \
+           '"overrides": {"model": {"init_args": {"studnt": "mlp"}}}}]'
+    with pytest.raises(ConfigError, match=r"kd\[0\].*studnt"):
+        main(["experiment", *base, typo])
+    assert not list((tmp_path / "x").glob("*/seed*/done.json"))
+
+
+def test_wandb_runs_are_grouped(tmp_path: Path) -> None:
+    spec = parse_spec(["--config", SMOKE, f"--output_dir={tmp_path}",
+                       f"--logger={CONFIGS / 'logger' / 'wandb.yaml'}", "--online=true"])
+    exp = Experiment(spec)
+    args = exp._fit_args("kd", spec.kd[0], 1, tmp_path / "kd_t4" / "seed1", teacher_ckpt="t.ckpt")
+    assert "--trainer.logger.init_args.group=smoke" in args
+    assert "--trainer.logger.init_args.job_type=kd" in args
+    assert "--trainer.logger.init_args.offline=false" in args
+
+
+def test_run_key_follows_config_content(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trainer: {max_epochs: 1}\n")
+    key = _run_key(["fit", "-c", str(cfg)], "")
+    cfg.write_text("trainer: {max_epochs: 2}\n")
+    assert _run_key(["fit", "-c", str(cfg)], "") != key
+    assert _run_key(["fit", "-c", str(cfg)], "teacher-v2") != _run_key(["fit", "-c", str(cfg)], "")
+
+
+def test_aggregate_and_table_by_hand() -> None:
+    runs = [
+        {"stage": "t", "seed": 0, "test_acc_best": 0.99, "test_acc_last": 0.98},
+        {"stage": "s", "seed": 0, "test_acc_best": 0.90, "test_acc_last": 0.88},
+        {"stage": "s", "seed": 1, "test_acc_best": 0.92, "test_acc_last": 0.86},
+        {"stage": "k", "seed": 0, "test_acc_best": 0.93, "test_acc_last": 0.93},
+        {"stage": "k", "seed": 1, "test_acc_best": 0.95, "test_acc_last": 0.91},
+    ]
+    rows = aggregate(runs, [("teacher", "t"), ("scratch", "s"), ("kd", "k")])
+    s, k = rows[1], rows[2]
+    assert s["test_acc_best_mean"] == pytest.approx(0.91)
+    assert s["test_acc_best_std"] == pytest.approx(0.0141421356)  # sample std, ddof=1
+    assert k["gain_best"] == pytest.approx(0.03) and k["gain_last"] == pytest.approx(0.05)
+    md = markdown_table(rows)
+    assert "| k | kd | 94.00 ± 1.41 | 92.00 ± 1.41 | +3.00 | +5.00 |" in md
+    assert mean_std([None, 0.5]) == (0.5, None)
+
+
+def test_reliability_bins_match_torchmetrics_ece() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(500, 10, generator=g).mul(3).softmax(1)
+    labels = torch.randint(0, 10, (500,), generator=g)
+    ours = reliability_bins(probs, labels, n_bins=15)["ece"]
+    ref = MulticlassCalibrationError(10, n_bins=15, norm="l1")(probs, labels)
+    assert ours == pytest.approx(float(ref), abs=1e-5)
