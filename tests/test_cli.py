@@ -57,3 +57,14 @@ def test_rerun_in_same_dir_overwrites_saved_config(tmp_path):
     main(args)  # the same log dir again: the saved config must not block the run
     saved = Path(tmp_path / "same" / "fixed" / "config.yaml")
     assert saved.is_file() and "ClassifierModule" in saved.read_text()
+
+
+def test_last_checkpoint_is_the_final_epoch_even_after_the_best_one(tmp_path):
+    """Lightning 2.6 refreshes last.ckpt only together with a new best; ours always does."""
+    cli = main(["fit", "-c", str(CONFIGS / "quickstart" / "scratch.yaml"), *DEBUG_TRAINER,
+                "--trainer.max_epochs=3", "--trainer.limit_val_batches=1", "--test_after_fit=false",
+                "--model.init_args.optimizer.init_args.lr=5.0",  # diverges: best is an early epoch
+                *logger_args(tmp_path / "logs"), f"--checkpoint.dirpath={tmp_path / 'ckpt'}"])
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == cli.trainer.global_step == 6
+    assert last["epoch"] == 2
