@@ -193,3 +193,7 @@ def test_report_logs_to_wandb_offline(tmp_path, monkeypatch):
     run_dir = log_wandb(rows, [], WandbConfig(enabled=True, mode="offline"), tmp_path, {"a": 1})
     assert run_dir and list((tmp_path / "wandb").glob("offline-run-*"))
     assert log_wandb(rows, [], WandbConfig(enabled=False), tmp_path, {}) is None
+    assert log_wandb(rows, [], WandbConfig(enabled=True, mode="disabled"), tmp_path, {}) is None
+    import wandb
+
+    wandb.teardown()  # the wandb singleton would otherwise carry this run's settings into later tests
