@@ -80,7 +80,7 @@ class BundledMNISTDataModule(KDDataModule):
         train_idx, val_idx, test_idx = stratified_split(
             labels, [self.val_fraction, self.test_fraction], self.seed
         )
-        self.train_set = self._dataset(images, labels, train_idx, train=True)
+        self.train_set = self._train_dataset(images, labels, train_idx)
         self.val_set = self._dataset(images, labels, val_idx, train=False)
         self.test_set = self._dataset(images, labels, test_idx, train=False)
 
