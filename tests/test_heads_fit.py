@@ -110,8 +110,8 @@ def test_feature_head_without_layers_fails_before_training(mnist_teacher_ckpt, t
 
 
 def test_new_head_is_one_file_plus_one_yaml(mnist_teacher_ckpt, tmp_path, monkeypatch):
-    """The worked example of docs/heads.md, verbatim: a head defined outside the package."""
-    doc = (CONFIGS.parent / "docs" / "heads.md").read_text()
+    """The README's worked example ("How to add a new head"), verbatim, from outside the package."""
+    doc = (CONFIGS.parent / "README.md").read_text()
     section = doc.split("### How to add a new head")[1]
     code = section.split("```python\n")[1].split("```")[0]
     config = section.split("```yaml\n")[1].split("```")[0]

@@ -36,7 +36,7 @@ PAIRS: dict[str, tuple[str, str]] = {
 
 _REPDISTILLER = dict(epochs=240, lr=0.05, nesterov=False, weight_decay=5e-4,
                      milestones=[150, 180, 210], batch_size=64, ce=0.1, kd=0.9, teacher_ckpt="last")
-#: the published recipes (see docs/zoo.md for sources): what each config must say
+#: the published recipes (see the README, "Reproducing the published KD tables", for sources): what each config must say
 RECIPES: dict[str, dict] = {
     **{pair: _REPDISTILLER for pair in PAIRS if pair.startswith("cifar100/")},
     # Knowledge-Distillation-Zoo: train_base.py / train_kd.py defaults + --lambda_kd 0.1

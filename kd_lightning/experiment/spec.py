@@ -55,7 +55,7 @@ class TeacherStage:
 
 @dataclass
 class ExperimentSpec:
-    """A whole experiment; see the module docstring and ``docs/experiments.md``."""
+    """A whole experiment; see the module docstring and the README section "Experiments"."""
 
     name: str
     teacher: TeacherStage
