@@ -17,11 +17,10 @@ Stable feature layers, in RepDistiller's ``is_feat`` order:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from kd_lightning.models.init import reference_init
 from kd_lightning.models.registry import register_model
 
 
@@ -79,15 +78,7 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(planes, num_classes)
         self.feature_layers = ("stem", "layer1", "layer2", "layer3", "pool")
         # The reference initialisation: He-normal convs (fan-out), unit BN, zero linear bias.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        reference_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
