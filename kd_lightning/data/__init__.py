@@ -3,12 +3,16 @@
 from kd_lightning.data.base import KDDataModule
 from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from kd_lightning.data.mnist import BundledMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
+from kd_lightning.data.transfer import ArrayFileSource, AugmentedCopies, TransferSource
 
 __all__ = [
+    "ArrayFileSource",
+    "AugmentedCopies",
     "BundledMNISTDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "FashionMNISTDataModule",
     "KDDataModule",
     "MNISTDataModule",
+    "TransferSource",
 ]

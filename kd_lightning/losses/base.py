@@ -89,4 +89,5 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean over ``mask``; an all-False mask gives a zero that still carries a graph."""
     if mask.all():
         return values.mean()
-    return (values * mask).sum() / mask.sum().clamp_min(1)
+    # where, not multiply: a NaN/inf at an unlabelled position must not leak into the mean
+    return torch.where(mask, values, values.new_zeros(())).sum() / mask.sum().clamp_min(1)
