@@ -86,8 +86,8 @@ def labelled(batch: Batch) -> Tensor:
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean over ``mask``; an all-False mask gives a zero that still carries a graph."""
-    if mask.all():
-        return values.mean()
+    """Mean over ``mask``; an all-False mask gives a zero that still carries a graph.
+
+    No host sync (no ``mask.all()`` branch), so a GPU step never waits on it."""
     # where, not multiply: a NaN/inf at an unlabelled position must not leak into the mean
     return torch.where(mask, values, values.new_zeros(())).sum() / mask.sum().clamp_min(1)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.losses.base import Batch, LossHead, labelled, masked_mean
+from kd_lightning.losses.base import Batch, LossHead, labelled
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
 
 
@@ -27,11 +27,10 @@ class CrossEntropy(LossHead):
         self.label_smoothing = label_smoothing
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
-        mask = labelled(batch)
-        per_sample = F.cross_entropy(
-            student.logits,
-            batch["label"].clamp_min(0),
-            reduction="none",
+        # ignore_index skips unlabelled rows inside the kernel (even non-finite ones); the
+        # sum over the labelled count is their mean, and 0 with a graph when there are none
+        total = F.cross_entropy(
+            student.logits, batch["label"], ignore_index=-1, reduction="sum",
             label_smoothing=self.label_smoothing,
         )
-        return masked_mean(per_sample, mask)
+        return total / labelled(batch).sum().clamp_min(1)

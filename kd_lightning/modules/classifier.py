@@ -54,14 +54,13 @@ class ClassifierModule(BaseModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def _step(self, batch: dict[str, Tensor], stage: str, metrics) -> Tensor:
+    def _eval_step(self, batch: dict[str, Tensor], stage: str, metrics) -> Tensor:
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
         metrics.update(logits.detach(), batch["label"])
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", on_step=stage == "train",
-                 on_epoch=True, batch_size=len(logits))
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val",
-                      batch_size=len(logits))
+        # a plain tensor: sync it over DDP ranks (torchmetrics objects sync themselves)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(logits), sync_dist=True)
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(logits))
         return loss
 
     # Unlabelled transfer-set samples (label -1) would crash CE (a device assert on GPU).
@@ -78,13 +77,19 @@ class ClassifierModule(BaseModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self._check_batch_labels and bool((batch["label"] < 0).any()):
             _refuse_unlabelled(None, int((batch["label"] < 0).sum()))
-        return self._step(batch, "train", self.train_metrics)
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
+        # metrics and the epoch loss are logged once per epoch (BaseModule.on_train_epoch_end)
+        self.train_metrics.update(logits.detach(), batch["label"])
+        self._train_metrics_updated = True
+        self.log_train_step(loss, len(logits), batch_idx)
+        return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_metrics)
+        self._eval_step(batch, "val", self.val_metrics)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test", self.test_metrics)
+        self._eval_step(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self(batch["image"]).softmax(dim=1)

@@ -17,6 +17,7 @@ stores each teacher's fingerprint so a changed teacher is detected on load.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -141,9 +142,8 @@ class DistillationModule(BaseModule):
             _speed_up(t, teacher_channels_last, teacher_compile, compile_kwargs)
 
         self.train_metrics = classifier_metrics(num_classes, "train/", "student_")
-        self._term_sums: Tensor | None = None  # Σ batch·term per head, logged per epoch
-        self._term_names: list[str] = []
-        self._term_count, self._train_metrics_updated = 0, False
+        # kd-lightning DataModules report their unlabelled count; others may hold -1 labels
+        self._mask_unlabelled = True
         self.val_metrics = self._eval_metrics("val/")
         self.test_metrics = self._eval_metrics("test/")
 
@@ -249,6 +249,11 @@ class DistillationModule(BaseModule):
         if self.teacher_cache is not None and stage == "fit":  # refuse before any step
             check_cache_data(getattr(self._trainer, "datamodule", None))
 
+    def on_fit_start(self) -> None:
+        # after DataModule.setup, so a kd-lightning DataModule knows its unlabelled count
+        dm = getattr(self.trainer, "datamodule", None)
+        self._mask_unlabelled = getattr(dm, "num_unlabelled", None) != 0
+
     # -- the loss -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
@@ -259,16 +264,22 @@ class DistillationModule(BaseModule):
         """Σ wᵢ(epoch)·headᵢ in fp32, outside autocast: softmax at a temperature is
         precision-sensitive, and heads are cheap next to the forwards."""
         student = _fp32(student)
-        teacher = TeacherOutput([_fp32(m) for m in teacher.members], teacher.weights)
+        members = [_fp32(m) for m in teacher.members]
+        if any(a is not b for a, b in zip(members, teacher.members)):
+            teacher = TeacherOutput(members, teacher.weights)
         terms: dict[str, Tensor] = {}
-        total = student.logits.new_zeros(())
-        with torch.autocast(self.device.type, enabled=False):
+        total: Tensor | None = None
+        # entering autocast(enabled=False) costs more than a small head: only when needed
+        autocast = torch.is_autocast_enabled(self.device.type)
+        with torch.autocast(self.device.type, enabled=False) if autocast else nullcontext():
             for head in self.heads:
                 w = head.current_weight(self.current_epoch, self.global_step)
                 term = head(student, teacher, batch)
                 terms[head.name] = term.detach()
                 if w != 0:
-                    total = total + w * term
+                    total = w * term if total is None else total + w * term
+        if total is None:  # every weight is 0 now (a schedule's warm-up): a zero with a graph
+            total = student.logits.sum() * 0.0
         return total, terms
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -277,30 +288,16 @@ class DistillationModule(BaseModule):
         loss, terms = self.compute_loss(student, teacher, batch)
         if self.check_finite:
             self._assert_finite(loss, terms, batch_idx)
-        n = len(batch["image"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        # Per-head terms and train metrics are accumulated here and logged once per epoch
-        # (on_train_epoch_end): each self.log call costs ~0.3 ms of Python, and logging a
-        # Metric object every step re-walks its states (ECE's grow with the epoch).
-        stacked = torch.stack(list(terms.values())) * n
-        self._term_sums = stacked if self._term_sums is None else self._term_sums + stacked
-        self._term_names = list(terms)
-        self._term_count += n
-        labelled = batch["label"] >= 0
-        if labelled.any():
-            self.train_metrics.update(student.logits.detach()[labelled], batch["label"][labelled])
+        self.log_train_step(loss, len(batch["image"]), batch_idx, terms)
+        if self._mask_unlabelled:
+            labelled = batch["label"] >= 0
+            if labelled.any():  # a host sync: only when the data may hold unlabelled samples
+                self.train_metrics.update(student.logits.detach()[labelled], batch["label"][labelled])
+                self._train_metrics_updated = True
+        else:
+            self.train_metrics.update(student.logits.detach(), batch["label"])
             self._train_metrics_updated = True
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        if self._term_sums is not None:
-            means = self._term_sums / self._term_count
-            for name, value in zip(self._term_names, means):
-                self.log(f"train/loss_{name}", value, sync_dist=True)
-        if self._train_metrics_updated:
-            self.log_dict(self.train_metrics.compute())
-        self.train_metrics.reset()
-        self._term_sums, self._term_count, self._train_metrics_updated = None, 0, False
 
     def _assert_finite(self, loss: Tensor, terms: dict[str, Tensor], batch_idx: int) -> None:
         if torch.isfinite(loss):
@@ -385,6 +382,10 @@ def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
 
 
 def _fp32(out: ModelOutput) -> ModelOutput:
+    """``out`` in fp32: the same object when it already is (the common fp32 run)."""
+    tensors = [out.logits, *out.features.values()]
+    if all(t.dtype == torch.float32 for t in tensors):
+        return out
     return ModelOutput(out.logits.float(), {k: v.float() for k, v in out.features.items()})
 
 

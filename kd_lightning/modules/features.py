@@ -41,6 +41,8 @@ class FeatureTaps:
         return hook
 
     def __call__(self, x: Tensor) -> ModelOutput:
+        if not self.layers:
+            return ModelOutput(self.model(x))
         self.store = {}
         logits = self.model(x)
         features, self.store = self.store, {}
