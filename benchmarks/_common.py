@@ -159,6 +159,81 @@ class StepClock(L.Callback):
         self.clock.tick()
 
 
+class Interleaved(L.Callback):
+    """Runs one step of each reference loop on the same batch at the start of every
+    Lightning training step, and times both sides. The Lightning step is the time from the
+    end of the reference steps to the next ``on_train_batch_start`` (step, hooks, logging,
+    next fetch)."""
+
+    def __init__(self, refs: dict[str, Any]) -> None:
+        self.refs = refs  # name → object with .step(batch)
+        self.ref_times: dict[str, list[tuple[float, float]]] = {name: [] for name in refs}
+        self.lightning: list[tuple[float, float]] = []
+        self.epochs: list[int] = []  # the training epoch of each Lightning step
+        self._mark: tuple[float, float] | None = None  # when the Lightning step began
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def _close_step(self) -> None:
+        now = self._now()
+        if self._mark is not None:
+            self.lightning.append((now[0] - self._mark[0], now[1] - self._mark[1]))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._close_step()
+        self.epochs.append(trainer.current_epoch)
+        for name, ref in self.refs.items():
+            start = self._now()
+            ref.step(batch)
+            end = self._now()
+            self.ref_times[name].append((end[0] - start[0], end[1] - start[1]))
+        self._mark = self._now()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close_step()
+
+    def ratios(self, over: str, skip: int, plus: str | None = None) -> tuple[float, float]:
+        """Median over steps (after ``skip``) of (Lightning [+ ``plus``]) / ``over``, for
+        wall and CPU time."""
+        extra = self.ref_times[plus] if plus else [(0.0, 0.0)] * len(self.lightning)
+        rows = list(zip(self.lightning, extra, self.ref_times[over]))[skip:]
+        return tuple(statistics.median((lt[k] + et[k]) / rt[k] for lt, et, rt in rows) for k in (0, 1))
+
+    def epoch_ratios(self, over: str) -> list[tuple[float, float]]:
+        """Per training epoch: Σ Lightning step time / Σ ``over`` step time (wall, CPU). A
+        Lightning step's time runs to the next batch, so epoch-end work counts too."""
+        out = []
+        for epoch in sorted(set(self.epochs)):
+            rows = [(lt, rt) for e, lt, rt in zip(self.epochs, self.lightning, self.ref_times[over]) if e == epoch]
+            out.append(tuple(sum(lt[k] for lt, _ in rows) / sum(rt[k] for _, rt in rows) for k in (0, 1)))
+        return out
+
+    def median_ms(self, name: str | None, skip: int) -> float:
+        """Median CPU milliseconds of the Lightning step (``name=None``) or a reference."""
+        times = self.lightning if name is None else self.ref_times[name]
+        return statistics.median(t[1] for t in times[skip:]) * 1e3
+
+
+class HandScratch:
+    """A yardstick: one hand-written from-scratch step of the student (forward, CE,
+    backward, SGD). Timing two Lightning runs against it, interleaved, compares them free
+    of the machine's drift between the runs."""
+
+    def __init__(self, pair: dict) -> None:
+        from kd_lightning.models import create_model
+
+        self.student = create_model(pair["student"], 10, pair["shape"][0]).train()
+        self.optimizer = sgd(self.student.parameters())
+
+    def step(self, batch: dict) -> None:
+        loss = torch.nn.functional.cross_entropy(self.student(batch["image"]), batch["label"].clamp_min(0))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
 class EpochClock(L.Callback):
     """Wall/CPU seconds of every training epoch."""
 

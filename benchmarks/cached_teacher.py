@@ -7,6 +7,11 @@ the cache during its first K epochs (view = epoch % K); the timed epochs after t
 every teacher output from the cache. Target: cached KD epoch / scratch epoch ≤ 1.2. The
 uncached KD epoch is printed for reference.
 
+How: each run also does one hand-written scratch step (``HandScratch``) per batch,
+interleaved with its Lightning steps and timed apart; an epoch's time is measured in
+units of that yardstick, so the ratio of two runs is free of the machine's drift between
+them (epoch-level timings of separate runs varied by ±25 % on a shared VM).
+
 Run:  python -m benchmarks.cached_teacher [--pairs cifar mnist] [--images 1024] [--repeats 2]
 """
 
@@ -16,7 +21,8 @@ import statistics
 
 from benchmarks._common import (
     PAIRS,
-    EpochClock,
+    HandScratch,
+    Interleaved,
     SyntheticData,
     base_parser,
     machine,
@@ -31,14 +37,27 @@ from kd_lightning.modules.teacher import TeacherSpec
 VIEWS = 2
 
 
-def epochs(module, pair: dict, batch: int, images: int, n: int) -> EpochClock:
+def epochs(module, pair: dict, batch: int, images: int, n: int) -> Interleaved:
     data = SyntheticData(
         shape=pair["shape"], num_images=images, batch_size=batch, augment_on_device=True,
         augment_views=VIEWS,
     )
-    clock = EpochClock()
-    quiet_trainer(max_epochs=n, callbacks=[clock]).fit(module, data)
-    return clock
+    paired = Interleaved({"yardstick": HandScratch(pair)})
+    quiet_trainer(max_epochs=n, callbacks=[paired]).fit(module, data)
+    return paired
+
+
+def epoch_seconds(run: Interleaved) -> list[float]:
+    """CPU seconds of each epoch's Lightning steps."""
+    return [sum(t[1] for e, t in zip(run.epochs, run.lightning) if e == i) for i in sorted(set(run.epochs))]
+
+
+def per_epoch(run: Interleaved, skip: int) -> tuple[tuple[float, float], float]:
+    """After ``skip`` epochs: the median epoch in yardstick units (wall, CPU) and the
+    median epoch's CPU seconds."""
+    ratios = run.epoch_ratios("yardstick")[skip:]
+    units = tuple(statistics.median(r[k] for r in ratios) for k in (0, 1))
+    return units, statistics.median(epoch_seconds(run)[skip:])
 
 
 def kd_module(pair: dict, cache: bool) -> DistillationModule:
@@ -70,11 +89,12 @@ def main() -> None:
                 pair, batch, images, 1 + args.epochs,
             )
             uncached = epochs(kd_module(pair, cache=False), pair, batch, images, 1 + args.epochs)
-            kd_w, kd_c = statistics.median(kd.wall[VIEWS:]), statistics.median(kd.cpu[VIEWS:])
-            s_w, s_c = statistics.median(scratch.wall[1:]), statistics.median(scratch.cpu[1:])
+            (kd_w, kd_c), kd_s = per_epoch(kd, VIEWS)
+            (s_w, s_c), s_s = per_epoch(scratch, 1)
             r_wall.append(kd_w / s_w)
             r_cpu.append(kd_c / s_c)
-            ms.append((kd_c, s_c, statistics.median(uncached.cpu[1:]), statistics.median(kd.cpu[:VIEWS])))
+            fill_s = statistics.median(epoch_seconds(kd)[:VIEWS])
+            ms.append((kd_s, s_s, per_epoch(uncached, 1)[1], fill_s))
             cache = cached.teacher_cache
             assert cache is not None and cache.hits > 0
         med = [statistics.median(m[i] for m in ms) for i in range(4)]

@@ -22,7 +22,6 @@ Run:  python -m benchmarks.overhead [--pairs mnist cifar] [--repeats 3] [--steps
 from __future__ import annotations
 
 import statistics
-import time
 
 import lightning as L
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from benchmarks._common import (
     PAIRS,
     Batches,
+    Interleaved,
     base_parser,
     machine,
     make_batches,
@@ -111,52 +111,6 @@ class MinimalKD(L.LightningModule):
 
     def configure_optimizers(self):
         return sgd(self.student.parameters())
-
-
-class Interleaved(L.Callback):
-    """Runs one step of each reference loop on the same batch at the start of every
-    Lightning training step, and times both sides. The Lightning step is the time from the
-    end of the reference steps to the next ``on_train_batch_start`` (step, hooks, logging,
-    next fetch)."""
-
-    def __init__(self, refs: dict[str, HandKD | TeacherForward]) -> None:
-        self.refs = refs
-        self.ref_times: dict[str, list[tuple[float, float]]] = {name: [] for name in refs}
-        self.lightning: list[tuple[float, float]] = []
-        self._mark: tuple[float, float] | None = None  # when the Lightning step began
-
-    @staticmethod
-    def _now() -> tuple[float, float]:
-        return time.perf_counter(), time.process_time()
-
-    def _close_step(self) -> None:
-        now = self._now()
-        if self._mark is not None:
-            self.lightning.append((now[0] - self._mark[0], now[1] - self._mark[1]))
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._close_step()
-        for name, ref in self.refs.items():
-            start = self._now()
-            ref.step(batch)
-            end = self._now()
-            self.ref_times[name].append((end[0] - start[0], end[1] - start[1]))
-        self._mark = self._now()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._close_step()
-
-    def ratios(self, over: str, skip: int, plus: str | None = None) -> tuple[float, float]:
-        """Median over steps (after ``skip``) of (Lightning [+ ``plus``]) / ``over``, for
-        wall and CPU time."""
-        extra = self.ref_times[plus] if plus else [(0.0, 0.0)] * len(self.lightning)
-        rows = list(zip(self.lightning, extra, self.ref_times[over]))[skip:]
-        return tuple(statistics.median((lt[k] + et[k]) / rt[k] for lt, et, rt in rows) for k in (0, 1))
-
-    def median_ms(self, name: str | None, skip: int) -> float:
-        """Median CPU milliseconds of the Lightning step (``name=None``) or a reference."""
-        times = self.lightning if name is None else self.ref_times[name]
-        return statistics.median(t[1] for t in times[skip:]) * 1e3
 
 
 class InMemory(L.LightningDataModule):

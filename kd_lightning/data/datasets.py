@@ -83,7 +83,9 @@ class ArrayImageDataset(Dataset):
             pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
             if view >= 0:  # torchvision draws from torch's global RNG: seed it per (index, view)
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(view_seed(self.view_seed, src, view))
+                    # the CPU generator only (torchvision's transforms draw from it):
+                    # torch.manual_seed would also seed, per image, every GPU backend
+                    torch.default_generator.manual_seed(view_seed(self.view_seed, src, view))
                     image = self.transform(pil)
             else:
                 image = self.transform(pil)

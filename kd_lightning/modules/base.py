@@ -6,7 +6,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from kd_lightning.errors import ConfigError
 
@@ -37,6 +38,8 @@ class BaseModule(L.LightningModule):
         self._epoch_count = 0
         #: subclasses set it when a step updated ``self.train_metrics``
         self._train_metrics_updated = False
+        #: stages ("val", "test") whose metrics a step updated since their last epoch end
+        self._eval_updated: set[str] = set()
 
     # -- train-step logging ------------------------------------------------------------
     # Every ``self.log`` call costs ~1.5 ms of Python on the step's critical path (Lightning
@@ -83,10 +86,36 @@ class BaseModule(L.LightningModule):
                     self.log("train/loss_epoch", value, prog_bar=True, sync_dist=True)
                     self.log("train/loss", value, logger=False, sync_dist=True)
         if self._train_metrics_updated:
-            self.log_dict(self.train_metrics.compute())
+            self.log_dict(self.train_metrics.compute(), sync_dist=True)
         if hasattr(self, "train_metrics"):
             self.train_metrics.reset()
         self._epoch_sums, self._epoch_count, self._train_metrics_updated = None, 0, False
+
+    # -- eval logging --------------------------------------------------------------------
+    # Evaluation steps only update metric objects; their values are computed (and synced
+    # over DDP ranks by torchmetrics) and logged once per epoch, for the cost reason above:
+    # ~8 self.log calls per val batch would cost more than a GPU forward of that batch.
+    def log_eval_epoch(self, stage: str, metrics: nn.ModuleDict, prog_bar: tuple[str, ...] = ()) -> None:
+        """Logs and resets ``metrics``: a MetricCollection under its own keys, any other
+        Metric as ``<stage>/<key>``; the entries named in ``prog_bar`` also go to the bar
+        during validation."""
+        if stage not in self._eval_updated:
+            return
+        self._eval_updated.discard(stage)
+        for key, metric in metrics.items():
+            values = metric.compute() if isinstance(metric, MetricCollection) else {f"{stage}/{key}": metric.compute()}
+            # compute() already synced the ranks; sync_dist only states that (no DDP warning)
+            self.log_dict(values, prog_bar=stage == "val" and key in prog_bar, sync_dist=True)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_eval_epoch("val", self.val_metrics, self.prog_bar_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_eval_epoch("test", self.test_metrics)
+
+    #: entries of ``val_metrics`` shown on the progress bar
+    prog_bar_metrics: tuple[str, ...] = ()
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

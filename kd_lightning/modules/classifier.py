@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import model_from_config
@@ -31,6 +32,7 @@ class ClassifierModule(BaseModule):
     """
 
     monitor = "val/acc"
+    prog_bar_metrics = ("model", "loss")
 
     def __init__(
         self,
@@ -48,20 +50,18 @@ class ClassifierModule(BaseModule):
         self.model = model_from_config(model, num_classes, self.input_shape[0], "model.model", model_kwargs)
         self.label_smoothing = label_smoothing
         self.train_metrics = classifier_metrics(num_classes, "train/")
-        self.val_metrics = classifier_metrics(num_classes, "val/")
-        self.test_metrics = classifier_metrics(num_classes, "test/")
+        self.val_metrics = nn.ModuleDict({"model": classifier_metrics(num_classes, "val/"), "loss": MeanMetric()})
+        self.test_metrics = nn.ModuleDict({"model": classifier_metrics(num_classes, "test/"), "loss": MeanMetric()})
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def _eval_step(self, batch: dict[str, Tensor], stage: str, metrics) -> Tensor:
+    def _eval_step(self, batch: dict[str, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
-        metrics.update(logits.detach(), batch["label"])
-        # a plain tensor: sync it over DDP ranks (torchmetrics objects sync themselves)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=len(logits), sync_dist=True)
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=len(logits))
-        return loss
+        metrics["model"].update(logits, batch["label"])
+        metrics["loss"].update(loss, weight=len(logits))
+        self._eval_updated.add(stage)
 
     # Unlabelled transfer-set samples (label -1) would crash CE (a device assert on GPU).
     # kd-lightning DataModules know their count: refuse once, before the first step. Other

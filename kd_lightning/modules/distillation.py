@@ -75,6 +75,7 @@ class DistillationModule(BaseModule):
     """
 
     monitor = "val/student_acc"
+    prog_bar_metrics = ("student",)
 
     def __init__(
         self,
@@ -204,7 +205,8 @@ class DistillationModule(BaseModule):
             "student": classifier_metrics(self.num_classes, prefix, "student_"),
             "teacher": classifier_metrics(self.num_classes, prefix, "teacher_"),
             "agreement": agreement_metric(self.num_classes),
-            "kl": MeanMetric(),
+            "kl_teacher_student": MeanMetric(),  # KL(teacher ‖ student) at T=1
+            "loss": MeanMetric(),  # the student's CE
         })
         if len(self._teachers) > 1:  # "teacher_" is the ensemble; each member on its own too
             for i in range(len(self._teachers)):
@@ -317,17 +319,12 @@ class DistillationModule(BaseModule):
         metrics["teacher"].update(teacher.probs(), y)
         metrics["agreement"].update(s_logits, teacher.argmax())
         kl = F.kl_div(F.log_softmax(s_logits, 1), teacher.log_probs(1.0), reduction="none", log_target=True)
-        metrics["kl"].update(kl.sum(1))
-        # a plain tensor: sync it over DDP ranks (torchmetrics objects sync themselves)
-        self.log(f"{stage}/loss", F.cross_entropy(s_logits, y), batch_size=n, sync_dist=True)
-        self.log_dict(metrics["student"], prog_bar=stage == "val", batch_size=n)
-        self.log_dict(metrics["teacher"], batch_size=n)
+        metrics["kl_teacher_student"].update(kl.sum(1))
+        metrics["loss"].update(F.cross_entropy(s_logits, y), weight=n)
         if len(teacher.members) > 1:
             for i, member in enumerate(teacher.members):
                 metrics[f"teacher{i}"].update(member.logits.float().softmax(1), y)
-                self.log_dict(metrics[f"teacher{i}"], batch_size=n)
-        self.log(f"{stage}/agreement", metrics["agreement"], batch_size=n)
-        self.log(f"{stage}/kl_teacher_student", metrics["kl"], batch_size=n)
+        self._eval_updated.add(stage)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metrics)

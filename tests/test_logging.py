@@ -1,5 +1,6 @@
-"""Train-step logging: the step loss reaches loggers and the progress bar exactly when
-Lightning shows it, and the epoch means are the batch-weighted means of every step."""
+"""What the modules log: the train step loss reaches loggers and the progress bar exactly
+when Lightning shows it, train epoch means are batch-weighted means of every step, and
+val/test metrics are computed once per epoch over every sample."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import csv
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
@@ -113,3 +115,29 @@ def test_no_logger_and_no_bar_logs_no_step_values(tmp_path):
     trainer, steps = fit(distiller(), tmp_path, logger=False)
     assert "train/loss_step" not in trainer.callback_metrics
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(weighted_mean(steps.losses), rel=1e-5)
+
+
+@pytest.mark.parametrize("make", [distiller, classifier], ids=["distillation", "classifier"])
+def test_eval_metrics_are_logged_once_per_epoch_over_all_batches(make, tmp_path):
+    module = make()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (got,) = trainer.validate(module, dataloaders=Batches())
+    batches = Batches().batches
+    with torch.no_grad():
+        logits = torch.cat([module(b["image"]) for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    prefix = "val/student_" if make is distiller else "val/"
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    assert got[f"{prefix}acc"] == pytest.approx(acc, abs=1e-6)
+    # the CE over all samples, not a plain mean of per-batch means (the last batch is short)
+    assert got["val/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    if make is distiller:
+        with torch.no_grad():
+            t_logits = torch.cat([module.teacher(b["image"]) for b in batches])
+        agreement = (logits.argmax(1) == t_logits.argmax(1)).float().mean().item()
+        assert got["val/agreement"] == pytest.approx(agreement, abs=1e-6)
+        kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(t_logits, 1), reduction="batchmean", log_target=True)
+        assert got["val/kl_teacher_student"] == pytest.approx(kl.item(), rel=1e-4)
+    # metrics were reset: a second pass gives the same values, not a running mix
+    (again,) = trainer.validate(module, dataloaders=Batches())
+    assert again == pytest.approx(got)
