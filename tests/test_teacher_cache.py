@@ -78,7 +78,8 @@ def test_cache_returns_teacher_outputs_and_runs_teachers_on_misses_only():
             for k in want.features:
                 torch.testing.assert_close(got.features[k], want.features[k])
     assert calls == [6, 3, 3, 2]  # the last batch is all hits: no teacher call at all
-    assert len(cache) == 13 and cache.misses == 13 and cache.hits == 27 - 13
+    # 13 distinct entries; misses count the samples the teachers ran on (index 100 twice)
+    assert len(cache) == 13 and cache.misses == 14 and cache.hits == 27 - 14
     # stages are separate tables: the same keys in "val" are misses
     index = torch.arange(3)
     view = torch.zeros_like(index)

@@ -60,12 +60,17 @@ class _Table:
         else:
             self.members = [{k: resized(t, t[0, 0]) for k, t in m.items()} for m in self.members]
 
-    def lookup(self, index: Tensor, view: Tensor, compute: Compute, x: Tensor) -> list[ModelOutput]:
-        missing = torch.ones_like(index, dtype=torch.bool)
-        if self.filled is not None:
-            inside = (index < self.filled.shape[0]) & (view < self.filled.shape[1])
-            missing[inside] = ~self.filled[index[inside], view[inside]]
-        if bool(missing.any()):
+    def lookup(self, index: Tensor, view: Tensor, compute: Compute, x: Tensor) -> tuple[list[ModelOutput], int]:
+        """The outputs for ``(index, view)`` and how many of them had to be computed."""
+        if self.filled is None:
+            missing = torch.ones_like(index, dtype=torch.bool)
+        else:
+            # clamped gathers, not boolean indexing: the only host sync is the miss count
+            n, v = self.filled.shape
+            inside = (index < n) & (view < v)
+            missing = ~(self.filled[index.clamp(max=n - 1), view.clamp(max=v - 1)] & inside)
+        n_missing = int(missing.sum())
+        if n_missing:
             rows = missing.nonzero().flatten()
             fresh = compute(x[rows.to(x.device)])  # the teachers see the missing samples only
             device = index.device if self.filled is None else self.filled.device
@@ -75,7 +80,7 @@ class _Table:
                 for k, t in {"logits": out.logits, **out.features}.items():
                     table[k][i, j] = t.to(table[k].device)
             self.filled[i, j] = True
-        return [
+        outputs = [
             ModelOutput(
                 table["logits"][index, view].to(x.device, non_blocking=True),
                 {k: t[index, view].to(x.device, non_blocking=True)
@@ -83,6 +88,7 @@ class _Table:
             )
             for table in self.members
         ]
+        return outputs, n_missing
 
 
 class TeacherCache:
@@ -98,8 +104,8 @@ class TeacherCache:
             raise ConfigError("model.teacher_cache_device", device, "use auto or cpu")
         self.device = device
         self.tables: dict[str, _Table] = {}
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # samples served from the cache
+        self.misses = 0  # samples the teachers ran on
 
     def __call__(self, stage: str, batch: dict[str, Any], compute: Compute) -> list[ModelOutput]:
         """The teachers' outputs for ``batch``, computing (and storing) only the misses."""
@@ -107,12 +113,10 @@ class TeacherCache:
         if self.device == "cpu":
             index, view = index.cpu(), view.cpu()
         table = self.tables.setdefault(stage, _Table())
-        before = 0 if table.filled is None else int(table.filled.sum())
         with torch.no_grad():
-            out = table.lookup(index, view, compute, batch["image"])
-        new = int(table.filled.sum()) - before
-        self.misses += new
-        self.hits += len(index) - new
+            out, computed = table.lookup(index, view, compute, batch["image"])
+        self.misses += computed
+        self.hits += len(index) - computed
         return out
 
     def __len__(self) -> int:
