@@ -166,3 +166,29 @@ def test_cached_and_uncached_training_give_the_same_losses(cifar10_root, on_devi
     assert len(with_cache.losses) == len(without.losses) == 3 * -(-n // 8)
     torch.testing.assert_close(torch.tensor(with_cache.losses), torch.tensor(without.losses),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_view_check_is_per_batch_unless_the_datamodule_vouched_at_setup(cifar10_root):
+    # A kd-lightning DataModule is checked once at setup (no per-batch host sync) ...
+    data = CIFAR10DataModule(data_dir=str(cifar10_root), batch_size=8, val_fraction=0.95, augment_views=2)
+    module = _module(cache=True)
+    _fit(module, data, 1)
+    assert module.teacher_cache.data_checked
+
+    # ... any other source of batches keeps the per-batch refusal of random views
+    class OneBatch:  # an iterable, not a list (which Lightning reads as several loaders)
+        def __iter__(self):
+            yield {"image": torch.zeros(2, 3, 32, 32), "label": torch.zeros(2, dtype=torch.long),
+                   "index": torch.arange(2), "view": torch.tensor([-1, -1])}
+
+        def __len__(self) -> int:
+            return 1
+
+    class Plain(L.LightningDataModule):
+        def train_dataloader(self):
+            return OneBatch()
+
+    module = _module(cache=True)
+    with pytest.raises(ConfigError, match="augment_views"):
+        _fit(module, Plain(), 1)
+    assert not module.teacher_cache.data_checked

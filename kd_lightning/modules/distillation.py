@@ -249,7 +249,8 @@ class DistillationModule(BaseModule):
 
     def setup(self, stage: str) -> None:
         if self.teacher_cache is not None and stage == "fit":  # refuse before any step
-            check_cache_data(getattr(self._trainer, "datamodule", None))
+            datamodule = getattr(self._trainer, "datamodule", None)
+            self.teacher_cache.data_checked = check_cache_data(datamodule)
 
     def on_fit_start(self) -> None:
         # after DataModule.setup, so a kd-lightning DataModule knows its unlabelled count

@@ -104,12 +104,15 @@ class TeacherCache:
             raise ConfigError("model.teacher_cache_device", device, "use auto or cpu")
         self.device = device
         self.tables: dict[str, _Table] = {}
+        #: set once ``check_cache_data`` has vouched for the DataModule: skips the
+        #: per-batch view check (a host sync)
+        self.data_checked = False
         self.hits = 0  # samples served from the cache
         self.misses = 0  # samples the teachers ran on
 
     def __call__(self, stage: str, batch: dict[str, Any], compute: Compute) -> list[ModelOutput]:
         """The teachers' outputs for ``batch``, computing (and storing) only the misses."""
-        index, view = _keys(batch)
+        index, view = _keys(batch, check_views=not self.data_checked)
         if self.device == "cpu":
             index, view = index.cpu(), view.cpu()
         table = self.tables.setdefault(stage, _Table())
@@ -130,7 +133,7 @@ class TeacherCache:
         )
 
 
-def _keys(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+def _keys(batch: dict[str, Any], check_views: bool = True) -> tuple[Tensor, Tensor]:
     if not isinstance(batch, dict) or "index" not in batch or "view" not in batch:
         raise ConfigError(
             "model.teacher_cache", True,
@@ -138,7 +141,7 @@ def _keys(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
             "DataModule (or yield them) or set model.teacher_cache=false",
         )
     index, view = batch["index"].long(), batch["view"].long()
-    if bool((view < 0).any()):
+    if check_views and bool((view < 0).any()):
         raise ConfigError(
             "data.augment_views", 0,
             "model.teacher_cache needs the same input every time a sample is seen, but this "
@@ -160,8 +163,9 @@ def cache_stage(trainer: Any) -> str | None:
     return None
 
 
-def check_cache_data(datamodule: Any) -> None:
-    """Refuse, at setup, a DataModule whose training augmentation makes the cache wrong."""
+def check_cache_data(datamodule: Any) -> bool:
+    """Refuse, at setup, a DataModule whose training augmentation makes the cache wrong.
+    True when the DataModule vouches for its batches (it reports ``augments_randomly``)."""
     if getattr(datamodule, "augments_randomly", False):
         raise ConfigError(
             "data.augment_views", getattr(datamodule, "augment_views", 0),
@@ -169,3 +173,4 @@ def check_cache_data(datamodule: Any) -> None:
             "K >= 1 (each image gets K fixed augmented views, view = epoch % K) or "
             "data.augment=false, or turn off model.teacher_cache",
         )
+    return hasattr(datamodule, "augments_randomly")
