@@ -28,7 +28,9 @@ class ClassifierModule(BaseModule):
         label_smoothing: ε for label-smoothed CE.
         optimizer, lr_scheduler: see ``BaseModule``.
 
-    Logs ``{train,val,test}/acc``, ``/ece`` (and ``/acc_top5`` above 10 classes) and ``/loss``.
+    Logs ``{train,val,test}/acc``, ``/ece`` (and ``/acc_top5`` above 10 classes),
+    ``{val,test}/loss``, and ``train/loss_step``/``train/loss_epoch`` (``train/loss`` for
+    callbacks; see ``BaseModule.log_train_step``).
     """
 
     monitor = "val/acc"

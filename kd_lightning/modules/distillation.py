@@ -67,7 +67,8 @@ class DistillationModule(BaseModule):
             (e.g. ``{mode: max-autotune}``).
         optimizer, lr_scheduler: see ``BaseModule``; they see only student + adapters.
 
-    Logs ``train/loss``, ``train/loss_<head>`` per head, and for val/test
+    Logs ``train/loss_step``/``train/loss_epoch`` (``train/loss`` for callbacks),
+    ``train/loss_<head>`` per head (``BaseModule.log_train_step``), and for val/test
     ``student_acc``, ``teacher_acc``, ``agreement``, ``student_ece``, ``teacher_ece``
     and ``kl_teacher_student`` (KL(teacher ‖ student) at T=1). With several teachers the
     ``teacher_*`` metrics score the weighted ensemble and ``teacher<i>_acc``/``_ece`` each
