@@ -1,11 +1,11 @@
-"""Shared pieces of the benchmark scripts: model pairs, in-memory batches, quiet Trainers and
-step/epoch timers.
+"""Shared pieces of the benchmark scripts: model pairs, in-memory batches, quiet Trainers,
+and ``Interleaved``, the paired step timer (with ``HandScratch`` as a yardstick).
 
 Every benchmark prints *ratios measured in one run on the same machine* (never absolute
-targets in pytest). Times are medians over steps after warm-up, per repeat; each repeat's
-ratio is printed, then the median over repeats. Both wall-clock and process-CPU time are
-reported: on a shared machine other processes inflate wall time, while CPU time of a
-single-threaded run (the default, ``--threads 1``) is close to the work actually done.
+targets in pytest). A ratio's two sides are timed step by step, interleaved on the same
+batches, and the ratio is a median of per-step (or per-epoch) ratios; each repeat's ratio
+is printed, then the median over repeats. Both wall-clock and process-CPU time are
+reported; with ``--threads 1`` (the default) CPU time is close to the work actually done.
 """
 
 from __future__ import annotations
@@ -145,20 +145,6 @@ class Clock:
         return med(self.wall), med(self.cpu)
 
 
-class StepClock(L.Callback):
-    """Ticks at the start of every training batch (and once at the end of training), so a
-    step's time covers everything the loop does for it: fetch, hooks, step, logging."""
-
-    def __init__(self) -> None:
-        self.clock = Clock()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.clock.tick()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.clock.tick()
-
-
 class Interleaved(L.Callback):
     """Runs one step of each reference loop on the same batch at the start of every
     Lightning training step, and times both sides. The Lightning step is the time from the
@@ -232,22 +218,6 @@ class HandScratch:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-
-
-class EpochClock(L.Callback):
-    """Wall/CPU seconds of every training epoch."""
-
-    def __init__(self) -> None:
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self._start = (0.0, 0.0)
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start = (time.perf_counter(), time.process_time())
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.wall.append(time.perf_counter() - self._start[0])
-        self.cpu.append(time.process_time() - self._start[1])
 
 
 def report(name: str, ratios_wall: list[float], ratios_cpu: list[float], target: str) -> None:
