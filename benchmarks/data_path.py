@@ -60,8 +60,8 @@ def main() -> None:
     med = [statistics.median(r[i] for r in rows) for i in range(5)]
     print(
         f"[CIFAR-10-shaped, {args.images} images, batch {args.batch}] images/s (wall | CPU): "
-        f"PIL {med[0]:,.0f} | {med[1]:,.0f}; tensor {med[2]:,.0f} | {med[3]:,.0f}; "
-        f"PIL with {args.workers} workers {med[4]:,.0f} (wall)"
+        f"PIL {med[0]:,.0f} | {med[1]:,.0f}; tensor {med[2]:,.0f} | {med[3]:,.0f}"
+        + (f"; PIL with {args.workers} workers {med[4]:,.0f} (wall)" if args.workers else "")
     )
     report("  (d) tensor path / PIL path (images/s)", r_wall, r_cpu, ">= 10")
 

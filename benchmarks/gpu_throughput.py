@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers (pipeline mode)")
     p.add_argument("--modes", nargs="+", default=["resident", "pipeline"],
                    choices=["resident", "pipeline"])
+    p.add_argument("--skip-compile", action="store_true",
+                   help="leave out the torch.compile configuration (its compilation takes minutes)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--accelerator", default="gpu", choices=["gpu", "cpu"],
                    help="cpu: a dry run that checks the script itself (use a tiny --batch)")
@@ -122,6 +124,8 @@ def main() -> None:
     results = []
     for mode in args.modes:
         for cfg in CONFIGS:
+            if args.skip_compile and cfg["compile"]:
+                continue
             rates = [run(cfg, mode, args) for _ in range(args.repeats)]
             results.append({"mode": mode, **cfg, "img_per_s": rates})
             print(f"[{mode}] {cfg['name']}: {statistics.median(rates):,.0f} img/s "
