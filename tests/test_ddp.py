@@ -45,6 +45,7 @@ class DumpRankState(L.Callback):
         self.wrapper = {
             "wrapper": type(wrapper).__name__,
             "synced": {n: p.numel() for n, p in wrapper.named_parameters()},
+            "not_broadcast": sorted(getattr(wrapper, "parameters_to_ignore", ())),
         }
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -54,6 +55,7 @@ class DumpRankState(L.Callback):
                 **self.wrapper,
                 "teacher": {k: v.clone() for k, v in pl_module.teacher.state_dict().items()},
                 "student": {k: v.clone() for k, v in pl_module.student.state_dict().items()},
+                "heads": {k: v.clone() for k, v in pl_module.heads.state_dict().items()},
             },
             Path(self.out_dir) / f"rank{trainer.global_rank}.pt",
         )
@@ -65,16 +67,18 @@ def _last_val_row(metrics_csv: Path) -> dict[str, float]:
     return {k: float(rows[-1][k]) for k in VAL_KEYS}
 
 
-@pytest.mark.slow
-def test_ddp_two_cpu_processes(mnist_teacher_ckpt, tmp_path):
+def _fit_two_ranks(tmp_path: Path, teacher_ckpt: Path, *extra: str) -> list[dict]:
+    """``kd-lightning fit`` of the quickstart KD config on 2 gloo processes; each rank's
+    DumpRankState."""
     out = tmp_path / "ranks"
     out.mkdir()
     cmd = [
         sys.executable, "-m", "kd_lightning", "fit",
         "-c", str(CONFIGS / "quickstart" / "kd.yaml"), "-c", str(CONFIGS / "trainer" / "ddp.yaml"),
+        *extra,
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
-        "--trainer.num_sanity_val_steps=0", f"--model.teacher.checkpoint={mnist_teacher_ckpt}",
+        "--trainer.num_sanity_val_steps=0", f"--model.teacher.checkpoint={teacher_ckpt}",
         *logger_args(tmp_path / "logs", "ddp"), f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
         "--test_after_fit=false",
         "--trainer.callbacks+=tests.test_ddp.DumpRankState", f"--trainer.callbacks.out_dir={out}",
@@ -82,8 +86,12 @@ def test_ddp_two_cpu_processes(mnist_teacher_ckpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(mnist_teacher_ckpt, tmp_path):
+    ranks = _fit_two_ranks(tmp_path, mnist_teacher_ckpt)
     assert all(r["world_size"] == 2 and r["wrapper"] == "DistributedDataParallel" for r in ranks)
 
     # DDP syncs the student only: no teacher tensor is among its parameters
@@ -124,3 +132,37 @@ def test_ddp_two_cpu_processes(mnist_teacher_ckpt, tmp_path):
     print("2-rank vs 1-process val metrics, |difference|:", diffs)
     for key in VAL_KEYS:
         assert diffs[key] <= TOLERANCE, (key, ddp_metrics[key], single[key])
+
+
+CRD_HEADS = """
+model:
+  init_args:
+    heads:
+      - class_path: kd_lightning.losses.CrossEntropy
+        init_args: {weight: 1.0}
+      - class_path: kd_lightning.losses.CRD
+        init_args: {weight: 0.8, student_layers: [features], teacher_layers: [features],
+                    num_samples: 5000, feat_dim: 32, nce_k: 64}
+"""
+
+
+@pytest.mark.slow
+def test_ddp_crd_memory_bank_stays_identical_without_broadcast(mnist_teacher_ckpt, tmp_path):
+    """CRD's banks hold one embedding per training sample (51 MB on CIFAR): every rank
+    applies the same gathered updates and the same all-reduced Z, so DDP is told not to
+    re-broadcast them from rank 0 before every step; they must stay identical anyway."""
+    crd = tmp_path / "crd.yaml"
+    crd.write_text(CRD_HEADS)
+    ranks = _fit_two_ranks(tmp_path, mnist_teacher_ckpt, "-c", str(crd))
+
+    buffers = ["memory_s", "memory_t", "z"]
+    assert all(r["not_broadcast"] == sorted(f"heads.1.{b}" for b in buffers) for r in ranks)
+    # the projection heads are trainable and synced like the student
+    synced = ranks[0]["synced"]
+    assert any(".heads.1.embed_s." in n for n in synced) and any(".heads.1.embed_t." in n for n in synced)
+
+    for b in buffers:
+        assert torch.equal(ranks[0]["heads"][f"1.{b}"], ranks[1]["heads"][f"1.{b}"]), b
+    assert (ranks[0]["heads"]["1.z"] > 0).all()  # estimated (it starts at -1)
+    for k, v in ranks[0]["student"].items():
+        assert torch.equal(ranks[1]["student"][k], v), k

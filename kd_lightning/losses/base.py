@@ -35,6 +35,9 @@ class LossHead(nn.Module):
     #: whether the head reads ``batch["label"]``; unlabelled samples (label < 0) are
     #: then masked out by the head itself.
     uses_labels: bool = False
+    #: buffers that every DDP process keeps identical itself (e.g. from gathered
+    #: updates), so DDP must not re-broadcast them from rank 0 before every forward
+    rank_consistent_buffers: tuple[str, ...] = ()
 
     def __init__(
         self, weight: float = 1.0, schedule: Schedule | None = None, name: str | None = None

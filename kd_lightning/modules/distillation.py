@@ -137,6 +137,11 @@ class DistillationModule(BaseModule):
             for i, t in enumerate(self._teachers)
         ]
         self._build_heads()
+        # read by torch's DistributedDataParallel (and Lightning's DDP strategy): buffers it
+        # neither broadcasts nor syncs
+        self._ddp_params_and_buffers_to_ignore = [
+            f"heads.{i}.{name}" for i, h in enumerate(self.heads) for name in h.rank_consistent_buffers
+        ]
         # after the dummy forward, so compilation sees real batches only
         self.teacher_cache = TeacherCache(teacher_cache_device) if teacher_cache else None
         _speed_up(self.student, student_channels_last, student_compile, compile_kwargs)
