@@ -67,26 +67,26 @@ def _last_val_row(metrics_csv: Path) -> dict[str, float]:
     return {k: float(rows[-1][k]) for k in VAL_KEYS}
 
 
-def _fit_two_ranks(tmp_path: Path, teacher_ckpt: Path, *extra: str) -> list[dict]:
-    """``kd-lightning fit`` of the quickstart KD config on 2 gloo processes; each rank's
-    DumpRankState."""
-    out = tmp_path / "ranks"
-    out.mkdir()
+def _fit_two_ranks(out_dir: Path, teacher_ckpt: Path, *extra: str) -> list[dict]:
+    """``kd-lightning fit`` of the quickstart KD config on 2 gloo processes (``extra``
+    arguments last, so they override); each rank's DumpRankState."""
+    ranks = out_dir / "ranks"
+    ranks.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable, "-m", "kd_lightning", "fit",
         "-c", str(CONFIGS / "quickstart" / "kd.yaml"), "-c", str(CONFIGS / "trainer" / "ddp.yaml"),
-        *extra,
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
         "--trainer.num_sanity_val_steps=0", f"--model.teacher.checkpoint={teacher_ckpt}",
-        *logger_args(tmp_path / "logs", "ddp"), f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+        *logger_args(out_dir / "logs", "ddp"), f"--checkpoint.dirpath={out_dir / 'ckpt'}",
         "--test_after_fit=false",
-        "--trainer.callbacks+=tests.test_ddp.DumpRankState", f"--trainer.callbacks.out_dir={out}",
+        "--trainer.callbacks+=tests.test_ddp.DumpRankState", f"--trainer.callbacks.out_dir={ranks}",
+        *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, cwd=out_dir, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(ranks / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 @pytest.mark.slow
@@ -166,3 +166,28 @@ def test_ddp_crd_memory_bank_stays_identical_without_broadcast(mnist_teacher_ckp
     assert (ranks[0]["heads"]["1.z"] > 0).all()  # estimated (it starts at -1)
     for k, v in ranks[0]["student"].items():
         assert torch.equal(ranks[1]["student"][k], v), k
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_is_exact(mnist_teacher_ckpt, tmp_path):
+    """A 2-process run stopped mid-epoch and resumed from last.ckpt (each rank skipping the
+    batches it had consumed, with its own per-step RNG seed) ends bit-identical to an
+    uninterrupted 2-process run."""
+    run = ("--trainer.max_epochs=2", "--trainer.limit_train_batches=4", "--trainer.deterministic=true",
+           "--checkpoint.every_n_train_steps=2", "--seed_everything=7")
+    reference = _fit_two_ranks(tmp_path / "reference", mnist_teacher_ckpt, *run)
+    _fit_two_ranks(tmp_path / "resumed", mnist_teacher_ckpt, *run, "--trainer.max_steps=6")
+    stopped = torch.load(tmp_path / "resumed" / "ckpt" / "last.ckpt", weights_only=False)
+    assert stopped["global_step"] == 6 and stopped["epoch"] == 1  # mid-epoch: 2 of 4 batches
+    resumed = _fit_two_ranks(tmp_path / "resumed", mnist_teacher_ckpt, *run, "--ckpt_path=last")
+
+    want = torch.load(tmp_path / "reference" / "ckpt" / "last.ckpt", weights_only=False)
+    got = torch.load(tmp_path / "resumed" / "ckpt" / "last.ckpt", weights_only=False)
+    assert got["global_step"] == want["global_step"] == 8
+    for key, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    for key, value in want["optimizer_states"][0]["state"].items():
+        assert torch.equal(got["optimizer_states"][0]["state"][key]["exp_avg"], value["exp_avg"])
+    for rank in (0, 1):  # and on each rank, not only rank 0's checkpoint
+        for key, value in reference[rank]["student"].items():
+            assert torch.equal(resumed[rank]["student"][key], value), (rank, key)
