@@ -3,6 +3,8 @@ logging and checks."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -91,6 +93,47 @@ class BaseModule(L.LightningModule):
             self.train_metrics.reset()
         self._epoch_sums, self._epoch_count, self._train_metrics_updated = None, 0, False
 
+    # -- the interrupted epoch's running means survive a resume ----------------------------
+    # A mid-epoch checkpoint (every_n_train_steps, SIGTERM) stores the epoch's sums and
+    # train-metric states so far; the resumed run continues them, and the epoch's logged
+    # train/* means equal an uninterrupted run's. Single process only: under DDP the
+    # checkpoint holds rank 0's part alone, so the interrupted epoch's train/* means then
+    # cover the batches after the resume (validation is unaffected).
+    _pending_epoch_state: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        if trainer is None or self._epoch_sums is None or trainer.world_size > 1:
+            return
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
+            return  # the epoch is over: the next one starts afresh
+        metrics = getattr(self, "train_metrics", None)
+        checkpoint["kd_train_epoch"] = {
+            "epoch": self.current_epoch,
+            "sums": self._epoch_sums.detach().cpu(), "names": self._epoch_names, "count": self._epoch_count,
+            "metrics": {
+                name: {k: _to(v, "cpu") for k, v in metric.metric_state.items()}
+                for name, metric in (metrics.items() if self._train_metrics_updated else ())
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_epoch_state = checkpoint.get("kd_train_epoch")
+
+    def on_train_start(self) -> None:
+        # (not on_train_epoch_start: Lightning skips that hook for an epoch resumed midway)
+        state, self._pending_epoch_state = self._pending_epoch_state, None
+        if state is None or state["epoch"] != self.current_epoch or self.trainer.world_size > 1:
+            return
+        self._epoch_sums = state["sums"].to(self.device)
+        self._epoch_names, self._epoch_count = state["names"], state["count"]
+        metrics = dict(self.train_metrics.items()) if state["metrics"] else {}
+        for name, saved in state["metrics"].items():
+            for key, value in saved.items():
+                setattr(metrics[name], key, _to(value, self.device))
+        self._train_metrics_updated = bool(state["metrics"])
+
     # -- eval logging --------------------------------------------------------------------
     # Evaluation steps only update metric objects; their values are computed (and synced
     # over DDP ranks by torchmetrics) and logged once per epoch, for the cost reason above:
@@ -129,6 +172,11 @@ class BaseModule(L.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _to(value: Tensor | list[Tensor], device: torch.device | str) -> Tensor | list[Tensor]:
+    """A metric state (a tensor, or a list of them) on ``device``."""
+    return [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
 
 
 def check_input_shape(input_shape) -> tuple[int, int, int]:

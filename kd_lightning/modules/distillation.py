@@ -344,9 +344,11 @@ class DistillationModule(BaseModule):
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["kd_teacher_fingerprints"] = self.teacher_fingerprints
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("kd_teacher_fingerprints")
         if saved is None or saved == self.teacher_fingerprints:
             return
