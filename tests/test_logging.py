@@ -58,7 +58,8 @@ def fit(module, tmp_path, **trainer_kwargs) -> tuple[L.Trainer, StepLosses]:
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
         logger=CSVLogger(tmp_path, name="log", version=0), log_every_n_steps=2,
     )
-    trainer = L.Trainer(**{**kwargs, **trainer_kwargs}, callbacks=[losses])
+    callbacks = [losses, *trainer_kwargs.pop("callbacks", [])]
+    trainer = L.Trainer(**{**kwargs, **trainer_kwargs}, callbacks=callbacks)
     trainer.fit(module, train_dataloaders=Batches())
     return trainer, losses
 
@@ -141,3 +142,23 @@ def test_eval_metrics_are_logged_once_per_epoch_over_all_batches(make, tmp_path)
     # metrics were reset: a second pass gives the same values, not a running mix
     (again,) = trainer.validate(module, dataloaders=Batches())
     assert again == pytest.approx(got)
+
+
+def test_only_a_mid_epoch_checkpoint_carries_the_running_epoch(tmp_path):
+    """The epoch's sums and train-metric states go into mid-epoch checkpoints (for an exact
+    resume, see test_reliability_resume); a checkpoint at the epoch's end has none, so the
+    next epoch cannot inherit them."""
+
+    class SaveAt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 1:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            trainer.save_checkpoint(tmp_path / "end.ckpt")
+
+    fit(distiller(), tmp_path, logger=False, callbacks=[SaveAt()])
+    mid = torch.load(tmp_path / "mid.ckpt", weights_only=False)["kd_train_epoch"]
+    assert mid["count"] == SIZES[0] + SIZES[1] and mid["names"] == ["", "ce", "kd"]
+    assert set(mid["metrics"]) == {"train/student_acc", "train/student_ece"}
+    assert "kd_train_epoch" not in torch.load(tmp_path / "end.ckpt", weights_only=False)
