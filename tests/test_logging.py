@@ -162,3 +162,16 @@ def test_only_a_mid_epoch_checkpoint_carries_the_running_epoch(tmp_path):
     assert mid["count"] == SIZES[0] + SIZES[1] and mid["names"] == ["", "ce", "kd"]
     assert set(mid["metrics"]) == {"train/student_acc", "train/student_ece"}
     assert "kd_train_epoch" not in torch.load(tmp_path / "end.ckpt", weights_only=False)
+
+
+def test_weights_loaded_then_trained_afresh_do_not_inherit_the_running_epoch(tmp_path):
+    class SaveMid(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 1:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    fit(distiller(), tmp_path, logger=False, callbacks=[SaveMid()])
+    # a new fit (no ckpt_path) of weights loaded from a mid-epoch checkpoint
+    module = DistillationModule.load_from_checkpoint(tmp_path / "mid.ckpt", weights_only=False)
+    _, steps = fit(module, tmp_path / "again", logger=False)
+    assert float(module.trainer.callback_metrics["train/loss"]) == pytest.approx(weighted_mean(steps.losses), rel=1e-5)

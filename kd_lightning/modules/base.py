@@ -124,7 +124,10 @@ class BaseModule(L.LightningModule):
     def on_train_start(self) -> None:
         # (not on_train_epoch_start: Lightning skips that hook for an epoch resumed midway)
         state, self._pending_epoch_state = self._pending_epoch_state, None
-        if state is None or state["epoch"] != self.current_epoch or self.trainer.world_size > 1:
+        # only when this fit resumes that checkpoint (not for weights loaded with
+        # load_from_checkpoint and then trained afresh)
+        resuming = self.trainer.ckpt_path is not None
+        if state is None or not resuming or state["epoch"] != self.current_epoch or self.trainer.world_size > 1:
             return
         self._epoch_sums = state["sums"].to(self.device)
         self._epoch_names, self._epoch_count = state["names"], state["count"]
