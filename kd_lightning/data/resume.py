@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from kd_lightning.trainer_state import epoch_is_over
+
 _M64 = (1 << 64) - 1
 
 
@@ -149,7 +151,7 @@ class ResumableTrainOrder:
         if sampler is None or trainer is None:
             return state
         progress = trainer.fit_loop.epoch_loop.batch_progress
-        done = progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
+        done = epoch_is_over(trainer)
         state["train_order"] = {
             "seed": sampler.seed,
             "num_samples": sampler.num_samples,

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.trainer_state import epoch_is_over
 
 
 class BaseModule(L.LightningModule):
@@ -105,9 +106,8 @@ class BaseModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None or self._epoch_sums is None or trainer.world_size > 1:
             return
-        progress = trainer.fit_loop.epoch_loop.batch_progress
-        if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
-            return  # the epoch is over: the next one starts afresh
+        if epoch_is_over(trainer):
+            return  # the next epoch starts afresh
         metrics = getattr(self, "train_metrics", None)
         checkpoint["kd_train_epoch"] = {
             "epoch": self.current_epoch,
