@@ -38,7 +38,11 @@ class KDDataModule(ResumableTrainOrder, L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes.
-        val_fraction: share of the official train split held out for validation, in (0, 1).
+        val_fraction: share of the official train split held out for validation, in [0, 1).
+            0 = train on the whole train split with no validation loop (the published
+            CIFAR protocols: RepDistiller, mdistiller, KD-Zoo and torchdistill train on all
+            50,000 images); ``val_dataloader`` then returns no loader, so Lightning skips
+            validation and checkpoints keep the last epoch.
         seed: seed of the train/val split (independent of the training seed).
         augment: apply the dataset's standard training augmentation.
         pin_memory: pin host memory (useful on GPU).
@@ -99,8 +103,10 @@ class KDDataModule(ResumableTrainOrder, L.LightningDataModule):
         for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value <= 0:
                 raise ConfigError(f"data.{field}", value, "use a batch size of at least 1")
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError("data.val_fraction", val_fraction, "use a fraction in (0, 1), e.g. 0.1")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(
+                "data.val_fraction", val_fraction, "use a fraction in [0, 1), e.g. 0.1 (0 = no val)"
+            )
         if num_workers < 0:
             raise ConfigError("data.num_workers", num_workers, "use 0 or more workers")
         self.data_dir = data_dir
@@ -142,9 +148,12 @@ class KDDataModule(ResumableTrainOrder, L.LightningDataModule):
         if self.train_set is not None:
             return
         images, labels = self.load_arrays(train=True)
-        train_idx, val_idx = stratified_split(labels, [self.val_fraction], self.seed)
+        if self.val_fraction == 0:  # the published protocol: every train image, no val split
+            train_idx = torch.arange(len(labels))
+        else:
+            train_idx, val_idx = stratified_split(labels, [self.val_fraction], self.seed)
+            self.val_set = self._dataset(images, labels, val_idx, train=False)
         self.train_set = self._train_dataset(images, labels, train_idx)
-        self.val_set = self._dataset(images, labels, val_idx, train=False)
         test_images, test_labels = self.load_arrays(train=False)
         self.test_set = self._dataset(test_images, test_labels, None, train=False)
 
@@ -228,7 +237,9 @@ class KDDataModule(ResumableTrainOrder, L.LightningDataModule):
             batch["image"] = self.device_augment(batch["image"], batch.get("index"), batch.get("view"))
         return batch
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.val_set is None:  # val_fraction 0: no loader, so Lightning skips validation
+            return []
         return self._loader(self.val_set, False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
