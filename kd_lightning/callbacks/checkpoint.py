@@ -42,8 +42,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class KDModelCheckpoint(ModelCheckpoint):
     """``monitor: auto`` (the default) uses the module's ``monitor`` attribute —
-    ``val/acc`` for a ClassifierModule, ``val/student_acc`` for a DistillationModule —
-    so one trainer config serves both. Keeps ``last.ckpt`` for resuming
+    ``val/acc`` for both modules (the trained network's accuracy), or none when the data has
+    no validation split (``val_fraction: 0``: the kept checkpoint is then the latest epoch).
+    Keeps ``last.ckpt`` for resuming
     (``every_n_train_steps: N`` also refreshes it every N steps, for SIGKILL-safe resume).
 
     Args:
@@ -82,6 +83,10 @@ class KDModelCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._auto_monitor:
             self.monitor = getattr(pl_module, "monitor", None)
+            if getattr(trainer.datamodule, "val_fraction", None) == 0:
+                # no validation split (the published full-train protocol): nothing to rank
+                # epochs by, so the kept checkpoint is the latest one (= the last epoch)
+                self.monitor = None
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own IO
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
