@@ -1,4 +1,5 @@
 from kd_lightning.callbacks.checkpoint import KDModelCheckpoint
 from kd_lightning.callbacks.preemption import PreemptionCheckpoint
+from kd_lightning.callbacks.test_every_epoch import TestEveryEpoch
 
-__all__ = ["KDModelCheckpoint", "PreemptionCheckpoint"]
+__all__ = ["KDModelCheckpoint", "PreemptionCheckpoint", "TestEveryEpoch"]
