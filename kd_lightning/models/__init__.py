@@ -7,6 +7,7 @@ from kd_lightning.models import (  # noqa: F401
     mobilenetv2,
     shufflenetv1,
     shufflenetv2,
+    text,
     timm_bridge,
     torchvision_bridge,
     vgg,
