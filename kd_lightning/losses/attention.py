@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -9,7 +11,6 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch
 from kd_lightning.losses.feature import FeatureHead, match_spatial
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
-from kd_lightning.losses.schedules import Schedule
 
 
 def attention_map(f: Tensor, p: float) -> Tensor:
@@ -34,17 +35,8 @@ class AttentionTransfer(FeatureHead):
     default_name = "at"
     feature_ranks = (4,)
 
-    def __init__(
-        self,
-        weight: float = 1000.0,
-        student_layers: str | list[str] | None = None,
-        teacher_layers: str | list[str] | None = None,
-        p: float = 2.0,
-        teacher_index: int = 0,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(weight, student_layers, teacher_layers, teacher_index, schedule, name)
+    def __init__(self, weight: float = 1000.0, *, p: float = 2.0, **kwargs: Any) -> None:
+        super().__init__(weight, **kwargs)
         if p <= 0:
             raise ConfigError("AttentionTransfer.p", p, "use an exponent > 0 (the paper uses 2)")
         self.p = float(p)

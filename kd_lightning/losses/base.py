@@ -38,6 +38,9 @@ class LossHead(nn.Module):
     #: buffers that every DDP process keeps identical itself (e.g. from gathered
     #: updates), so DDP must not re-broadcast them from rank 0 before every forward
     rank_consistent_buffers: tuple[str, ...] = ()
+    #: the term is the task (label) loss rather than a distillation term: an optimizer
+    #: with ``split_backward`` (e.g. ``kd_lightning.optim.DOT``) treats the two apart
+    is_task_loss: bool = False
 
     def __init__(
         self, weight: float = 1.0, schedule: Schedule | None = None, name: str | None = None

@@ -19,6 +19,7 @@ class CrossEntropy(LossHead):
 
     default_name = "ce"
     uses_labels = True
+    is_task_loss = True
 
     def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0, **kwargs) -> None:
         super().__init__(weight, **kwargs)

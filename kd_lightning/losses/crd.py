@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,6 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch
 from kd_lightning.losses.feature import FeatureHead
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
-from kd_lightning.losses.schedules import Schedule
 
 
 def nce_loss(scores: Tensor, num_samples: int, eps: float = 1e-7) -> Tensor:
@@ -77,18 +77,15 @@ class CRD(FeatureHead):
     def __init__(
         self,
         weight: float = 0.8,
-        student_layers: str | list[str] | None = None,
-        teacher_layers: str | list[str] | None = None,
+        *,
         num_samples: int | None = None,
         feat_dim: int = 128,
         nce_k: int = 16384,
         nce_t: float = 0.07,
         momentum: float = 0.5,
-        teacher_index: int = 0,
-        schedule: Schedule | None = None,
-        name: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(weight, student_layers, teacher_layers, teacher_index, schedule, name)
+        super().__init__(weight, **kwargs)
         checks = (
             ("num_samples", num_samples, num_samples is None or num_samples >= 1,
              "use the training split's size (e.g. 50000 for CIFAR), or leave it unset"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,7 +12,6 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch
 from kd_lightning.losses.feature import FeatureHead
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
-from kd_lightning.losses.schedules import Schedule
 
 
 class Connector(nn.Module):
@@ -72,17 +73,8 @@ class FitNet(FeatureHead):
     default_name = "fitnet"
     feature_ranks = (2, 4)
 
-    def __init__(
-        self,
-        weight: float = 100.0,
-        student_layers: str | list[str] | None = None,
-        teacher_layers: str | list[str] | None = None,
-        relu: bool = True,
-        teacher_index: int = 0,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(weight, student_layers, teacher_layers, teacher_index, schedule, name)
+    def __init__(self, weight: float = 100.0, *, relu: bool = True, **kwargs: Any) -> None:
+        super().__init__(weight, **kwargs)
         self.relu = relu
         self.connectors = nn.ModuleList()
 

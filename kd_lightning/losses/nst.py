@@ -3,13 +3,14 @@ Transfer" (arXiv:1707.01219)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning.losses.base import Batch
 from kd_lightning.losses.feature import FeatureHead, match_spatial
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
-from kd_lightning.losses.schedules import Schedule
 
 
 def _poly_kernel(a: Tensor, b: Tensor) -> Tensor:
@@ -33,16 +34,8 @@ class NST(FeatureHead):
     default_name = "nst"
     feature_ranks = (4,)
 
-    def __init__(
-        self,
-        weight: float = 50.0,
-        student_layers: str | list[str] | None = None,
-        teacher_layers: str | list[str] | None = None,
-        teacher_index: int = 0,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(weight, student_layers, teacher_layers, teacher_index, schedule, name)
+    def __init__(self, weight: float = 50.0, **kwargs: Any) -> None:
+        super().__init__(weight, **kwargs)
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
         total = student.logits.new_zeros(())

@@ -3,6 +3,8 @@ Transfer" (ECCV)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -10,7 +12,6 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch
 from kd_lightning.losses.feature import FeatureHead
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
-from kd_lightning.losses.schedules import Schedule
 
 
 def conditional_probabilities(f: Tensor, eps: float) -> Tensor:
@@ -35,17 +36,8 @@ class PKT(FeatureHead):
 
     default_name = "pkt"
 
-    def __init__(
-        self,
-        weight: float = 30000.0,
-        student_layers: str | list[str] | None = None,
-        teacher_layers: str | list[str] | None = None,
-        eps: float = 1e-7,
-        teacher_index: int = 0,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-    ) -> None:
-        super().__init__(weight, student_layers, teacher_layers, teacher_index, schedule, name)
+    def __init__(self, weight: float = 30000.0, *, eps: float = 1e-7, **kwargs: Any) -> None:
+        super().__init__(weight, **kwargs)
         if eps <= 0:
             raise ConfigError("PKT.eps", eps, "use a small positive constant, e.g. 1e-7")
         self.eps = float(eps)

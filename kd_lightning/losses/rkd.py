@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,7 +12,6 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch
 from kd_lightning.losses.feature import FeatureHead
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
-from kd_lightning.losses.schedules import Schedule
 
 
 def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:
@@ -56,15 +57,12 @@ class RKD(FeatureHead):
     def __init__(
         self,
         weight: float = 1.0,
-        student_layers: str | list[str] | None = None,
-        teacher_layers: str | list[str] | None = None,
+        *,
         distance_weight: float = 25.0,
         angle_weight: float = 50.0,
-        teacher_index: int = 0,
-        schedule: Schedule | None = None,
-        name: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(weight, student_layers, teacher_layers, teacher_index, schedule, name)
+        super().__init__(weight, **kwargs)
         for field, value in (("distance_weight", distance_weight), ("angle_weight", angle_weight)):
             if value < 0:
                 raise ConfigError(f"RKD.{field}", value, "use a weight >= 0 (paper: 25 and 50)")
