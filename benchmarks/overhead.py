@@ -57,7 +57,7 @@ class HandKD:
         self.teacher = freeze(create_model(pair["teacher"], 10, shape[0], **pair["teacher_kwargs"]))
         self.student = create_model(pair["student"], 10, shape[0]).train()
         self.optimizer = sgd(self.student.parameters())
-        self.metrics = classifier_metrics(10, "train/", "student_")
+        self.metrics = classifier_metrics(10, "train/")
         self.sums = torch.zeros(3)
         self.same_work = same_work
 

@@ -27,6 +27,8 @@ from kd_lightning.tracking_guard import guard_wandb_config
 EXTRA_COMMANDS: dict[str, str] = {
     "experiment": "kd_lightning.experiment.runner:main",
     "compress": "kd_lightning.compress.pipeline:main",
+    "data": "kd_lightning.data.commands:main",
+    "import-teacher": "kd_lightning.import_teacher:main",
 }
 
 TRAINER_DEFAULTS = {
@@ -59,6 +61,7 @@ class KDLightningCLI(LightningCLI):
         )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+        parser.link_arguments("data.vocab_sizes", "model.init_args.vocab_sizes", apply_on="instantiate")
 
 
     def before_instantiate_classes(self) -> None:

@@ -37,10 +37,10 @@ def test_kd_fit_logs_student_teacher_agreement(tmp_path, mnist_teacher_ckpt):
     ])
     assert isinstance(cli.model, DistillationModule)
     metrics = cli.trainer.callback_metrics  # after test_after_fit: the test metrics
-    for key in ("test/student_acc", "test/teacher_acc", "test/agreement", "test/kl_teacher_student"):
+    for key in ("test/acc", "test/teacher_acc", "test/agreement", "test/kl_teacher_student"):
         assert key in metrics, key
     logged = (Path(cli.trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
-    for key in ("train/loss_epoch", "train/loss_kd", "train/loss_ce", "val/student_acc",
+    for key in ("train/loss_epoch", "train/loss_kd", "train/loss_ce", "val/acc",
                 "val/teacher_acc", "val/agreement"):
         assert key in logged.split(","), key
     # the teacher fixture is trained: on the same test batches it beats chance clearly

@@ -62,4 +62,4 @@ def test_dataset_configs_run_teacher_scratch_kd(folder, root_fixture, batch, req
                 f"--model.init_args.teacher.checkpoint={tmp_path / 'teacher' / 'best.ckpt'}",
                 f"--checkpoint.dirpath={tmp_path / 'kd'}"])
     metrics = cli.trainer.callback_metrics
-    assert {"test/student_acc", "test/teacher_acc", "test/agreement"} <= set(metrics)
+    assert {"test/acc", "test/teacher_acc", "test/agreement"} <= set(metrics)

@@ -27,7 +27,7 @@ import torch
 from tests.conftest import CONFIGS, REPO, logger_args
 
 VAL_KEYS = (
-    "val/student_acc", "val/student_ece", "val/teacher_acc", "val/teacher_ece",
+    "val/acc", "val/ece", "val/teacher_acc", "val/teacher_ece",
     "val/agreement", "val/kl_teacher_student", "val/loss",
 )
 TOLERANCE = 1e-5
@@ -63,7 +63,7 @@ class DumpRankState(L.Callback):
 
 def _last_val_row(metrics_csv: Path) -> dict[str, float]:
     with open(metrics_csv) as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("val/student_acc")]
+        rows = [r for r in csv.DictReader(fh) if r.get("val/acc")]
     return {k: float(rows[-1][k]) for k in VAL_KEYS}
 
 

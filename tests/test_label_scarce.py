@@ -284,7 +284,7 @@ def test_label_scarce_configs_debug_fit(mnist_teacher_ckpt, tmp_path):
     assert torch.equal(dm.labeled_indices, scratch.datamodule.labeled_indices)
     assert len(dm.train_set) == 3500 + 700 and dm.num_unlabelled == 3150 + 700
     # check_finite would have stopped a non-finite loss; both batches trained
-    assert kd.trainer.global_step == 2 and "test/student_acc" in kd.trainer.callback_metrics
+    assert kd.trainer.global_step == 2 and "test/acc" in kd.trainer.callback_metrics
 
 
 def test_classifier_refuses_unlabelled_training_data(tmp_path):

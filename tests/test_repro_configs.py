@@ -128,7 +128,7 @@ def test_pair_runs_teacher_scratch_kd(pair: str, request, tmp_path: Path):
         assert list((runs / run).glob("version_*/metrics.csv"))
 
     cli = main(["fit", "-c", str(REPRO / pair / "kd.yaml"), *overrides])
-    assert {"val/student_acc", "val/teacher_acc", "train/loss_kd"} <= set(cli.trainer.callback_metrics)
+    assert {"val/acc", "val/teacher_acc", "train/loss_kd"} <= set(cli.trainer.callback_metrics)
     assert (runs / "kd" / "last.ckpt").is_file()
     assert cli.model.hparams.student == student
     _check_recipe(cli, pair, "kd")

@@ -50,8 +50,9 @@ def _images(index: Tensor, view: Tensor) -> Tensor:
     ])
 
 
-def _teachers(x: Tensor) -> list[ModelOutput]:
+def _teachers(x: Tensor | dict[str, Tensor]) -> list[ModelOutput]:
     """Two fake 'teachers': one with a feature map, one logits-only."""
+    x = x["image"] if isinstance(x, dict) else x
     logits = x.sum((1, 2, 3))[:, None] * torch.arange(3.0)
     return [ModelOutput(logits, {"f": 2 * x[:, :1]}), ModelOutput(-logits, {})]
 
@@ -59,9 +60,9 @@ def _teachers(x: Tensor) -> list[ModelOutput]:
 def test_cache_returns_teacher_outputs_and_runs_teachers_on_misses_only():
     cache, calls = TeacherCache(), []
 
-    def compute(x: Tensor) -> list[ModelOutput]:
-        calls.append(len(x))
-        return _teachers(x)
+    def compute(batch: dict[str, Tensor]) -> list[ModelOutput]:
+        calls.append(len(batch["image"]))
+        return _teachers(batch["image"])
 
     steps = [  # (indices, view): overlaps, a second view, an index that grows the table
         (torch.arange(0, 6), 0), (torch.arange(3, 9), 0), (torch.tensor([0, 1, 2]), 1),

@@ -68,7 +68,9 @@ class KDDataModule(ResumableTrainOrder, L.LightningDataModule):
 
     #: set by each subclass; linked into the model's ``num_classes``/``input_shape``
     num_classes: int = 10
-    input_shape: tuple[int, int, int] = (1, 28, 28)
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    #: token-id batch key → vocabulary size, for text data (None for images)
+    vocab_sizes: dict[str, int] | None = None
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
 

@@ -91,7 +91,7 @@ def plot_curves(out_dir: Path, rows: Sequence[dict[str, Any]], path: Path | None
     teacher_level = []
     for r in rows:
         hists = [read_history(out_dir / r["name"] / f"seed{s}" / "history.jsonl") for s in r["seeds"]]
-        key = "val/student_acc" if any("val/student_acc" in h for hist in hists for h in hist) else "val/acc"
+        key = "val/acc"
         epochs, mean, std = _curve(hists, key)
         if r["kind"] == "kd":
             _, t_mean, _ = _curve(hists, "val/teacher_acc")

@@ -353,13 +353,9 @@ def _tested(cli: Any, run_dir: Path) -> dict[str, Any]:
 
 
 def _test_metrics(out: dict[str, float], which: str) -> dict[str, float | None]:
-    """ClassifierModule (``test/acc``) and DistillationModule (``test/student_acc``) keys
-    mapped to one naming."""
+    """The run's test metrics (both modules log the trained network as ``test/acc``)."""
     def pick(name: str) -> float | None:
-        for key in (f"test/student_{name}", f"test/{name}"):
-            if key in out:
-                return float(out[key])
-        return None
+        return float(out[f"test/{name}"]) if f"test/{name}" in out else None
 
     record = {
         f"test_acc_{which}": pick("acc"),

@@ -1,7 +1,9 @@
 """Name → builder registry, so configs address networks by string (timm style).
 
-A builder takes ``num_classes`` and ``in_channels`` and returns an ``nn.Module`` whose
-``feature_layers`` attribute lists the stable module paths feature heads may hook.
+A builder takes ``num_classes`` plus what the data fixes about its inputs — ``in_channels``
+for images, ``vocab_size`` and ``max_length`` for text — and returns an ``nn.Module`` whose
+``feature_layers`` attribute lists the stable module paths feature heads may hook, and
+whose ``input_keys`` (default ``("image",)``) name the batch keys its forward reads.
 Names with a ``tv:`` or ``timm:`` prefix are resolved by the torchvision and timm bridges.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -67,9 +70,11 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def create_model(
-    name: str, num_classes: int = 10, in_channels: int = 3, field: str = "model", **kwargs
+    name: str, num_classes: int = 10, in_channels: int | None = 3, field: str = "model", **kwargs
 ) -> nn.Module:
-    """Build a registered model. ``field`` names the config key in error messages."""
+    """Build a registered model. ``field`` names the config key in error messages.
+
+    ``in_channels=None`` for text models, which take ``vocab_size``/``max_length`` instead."""
     _ensure_loaded()
     prefix, _, rest = name.partition(":")
     try:  # resolver errors say "model"; re-raise them under the caller's config key
@@ -77,7 +82,9 @@ def create_model(
             builder = _PREFIX_RESOLVERS[prefix](rest)
         else:
             builder = get_entry(name).builder
-        model = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        if in_channels is not None:
+            kwargs["in_channels"] = in_channels
+        model = builder(num_classes=num_classes, **kwargs)
     except ConfigError as err:
         raise ConfigError(field, err.value, err.fix) from None
     except TypeError as err:
@@ -87,19 +94,22 @@ def create_model(
 
 
 def model_from_config(
-    name: str, num_classes: int, in_channels: int, field: str, kwargs: dict | None
+    name: str, num_classes: int, inputs: int | dict[str, Any], field: str, kwargs: dict | None
 ) -> nn.Module:
     """``create_model`` for a ``<field>`` + ``<field>_kwargs`` pair from a config.
 
-    The data decides ``num_classes`` and ``in_channels`` (the CLI links them), so a second
-    value in the kwargs is a mistake we name instead of a ``TypeError``.
+    The data decides ``num_classes`` and ``inputs`` (``in_channels`` as an int or in a dict,
+    or ``vocab_size``/``max_length`` for text; the CLI links them), so a second value in the
+    kwargs is a mistake we name instead of a ``TypeError``.
     """
-    reserved = sorted({"num_classes", "in_channels"} & set(kwargs or {}))
+    inputs = {"in_channels": inputs} if isinstance(inputs, int) else dict(inputs)
+    reserved = sorted(({"num_classes", "in_channels"} | set(inputs)) & set(kwargs or {}))
     if reserved:
         raise ConfigError(
-            f"{field}_kwargs", kwargs, f"remove {reserved}: classes and input channels come from the data"
+            f"{field}_kwargs", kwargs, f"remove {reserved}: classes and input sizes come from the data"
         )
-    return create_model(name, num_classes, in_channels, field=field, **(kwargs or {}))
+    in_channels = inputs.pop("in_channels", None)
+    return create_model(name, num_classes, in_channels, field=field, **inputs, **(kwargs or {}))
 
 
 def _ensure_loaded() -> None:

@@ -180,10 +180,3 @@ class BaseModule(L.LightningModule):
 def _to(value: Tensor | list[Tensor], device: torch.device | str) -> Tensor | list[Tensor]:
     """A metric state (a tensor, or a list of them) on ``device``."""
     return [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
-
-
-def check_input_shape(input_shape) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) != 3 or min(shape) <= 0:
-        raise ConfigError("model.input_shape", input_shape, "use (channels, height, width), e.g. [3, 32, 32]")
-    return shape

@@ -12,7 +12,8 @@ from torchmetrics import MeanMetric
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import model_from_config
-from kd_lightning.modules.base import BaseModule, check_input_shape
+from kd_lightning.modules.base import BaseModule
+from kd_lightning.modules.inputs import builder_inputs, check_input_shape, model_inputs
 from kd_lightning.modules.metrics import classifier_metrics
 
 
@@ -24,7 +25,9 @@ class ClassifierModule(BaseModule):
             ``tv:<name>``/``timm:<name>``.
         model_kwargs: extra builder arguments, e.g. ``{hidden: [256, 256]}`` for ``mlp``.
         num_classes: number of classes; linked from the DataModule by the CLI.
-        input_shape: (C, H, W) of the inputs; linked from the DataModule by the CLI.
+        input_shape: (C, H, W) of images or (max_length,) of text; linked from the DataModule.
+        vocab_sizes: for text, the vocabulary size of each token-id batch key; linked from
+            the DataModule. The model reads the batch as ``kd_lightning.modules.inputs`` says.
         label_smoothing: ε for label-smoothed CE.
         optimizer, lr_scheduler: see ``BaseModule``.
 
@@ -41,7 +44,8 @@ class ClassifierModule(BaseModule):
         model: str = "lenet5",
         model_kwargs: dict[str, Any] | None = None,
         num_classes: int = 10,
-        input_shape: tuple[int, int, int] = (1, 28, 28),
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        vocab_sizes: dict[str, int] | None = None,
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -49,17 +53,18 @@ class ClassifierModule(BaseModule):
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.input_shape = check_input_shape(input_shape)
-        self.model = model_from_config(model, num_classes, self.input_shape[0], "model.model", model_kwargs)
+        inputs = builder_inputs(self.input_shape, vocab_sizes, "model")
+        self.model = model_from_config(model, num_classes, inputs, "model.model", model_kwargs)
         self.label_smoothing = label_smoothing
         self.train_metrics = classifier_metrics(num_classes, "train/")
         self.val_metrics = nn.ModuleDict({"model": classifier_metrics(num_classes, "val/"), "loss": MeanMetric()})
         self.test_metrics = nn.ModuleDict({"model": classifier_metrics(num_classes, "test/"), "loss": MeanMetric()})
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.model(*inputs)
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
-        logits = self(batch["image"])
+        logits = self(*model_inputs(self.model, batch, "model"))
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
         metrics["model"].update(logits, batch["label"])
         metrics["loss"].update(loss, weight=len(logits))
@@ -79,7 +84,7 @@ class ClassifierModule(BaseModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self._check_batch_labels and bool((batch["label"] < 0).any()):
             _refuse_unlabelled(None, int((batch["label"] < 0).sum()))
-        logits = self(batch["image"])
+        logits = self(*model_inputs(self.model, batch, "model"))
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing)
         # metrics and the epoch loss are logged once per epoch (BaseModule.on_train_epoch_end)
         self.train_metrics.update(logits.detach(), batch["label"])
@@ -94,7 +99,7 @@ class ClassifierModule(BaseModule):
         self._eval_step(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self(batch["image"]).softmax(dim=1)
+        return self(*model_inputs(self.model, batch, "model")).softmax(dim=1)
 
 
 def _refuse_unlabelled(train_on: str | None, count: int) -> None:

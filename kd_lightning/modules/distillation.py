@@ -29,9 +29,16 @@ from torchmetrics import MeanMetric
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import CrossEntropy, KLDivergence, LossHead, ModelOutput, TeacherOutput
 from kd_lightning.models import model_from_config
-from kd_lightning.modules.base import BaseModule, check_input_shape
+from kd_lightning.modules.base import BaseModule
 from kd_lightning.modules.features import FeatureTaps
 from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, copy_from_teacher
+from kd_lightning.modules.inputs import (
+    batch_size,
+    builder_inputs,
+    check_input_shape,
+    dummy_batch,
+    model_inputs,
+)
 from kd_lightning.modules.metrics import agreement_metric, classifier_metrics
 from kd_lightning.modules.teacher import TeacherSpec, build_teacher, fingerprint
 from kd_lightning.modules.teacher_cache import TeacherCache, cache_stage, check_cache_data
@@ -48,7 +55,11 @@ class DistillationModule(BaseModule):
         heads: the loss terms; default ``[CrossEntropy(0.1), KLDivergence(0.9, T=4)]``,
             the RepDistiller/mdistiller KD recipe.
         num_classes: linked from the DataModule by the CLI.
-        input_shape: (C, H, W), linked from the DataModule by the CLI.
+        input_shape: (C, H, W) for images or (max_length,) for text; linked from the
+            DataModule by the CLI.
+        vocab_sizes: for text, the vocabulary size of each token-id batch key
+            (``input_ids``; ``student_input_ids`` when the student tokenizes differently);
+            linked from the DataModule. Networks read the batch as ``modules.inputs`` says.
         check_finite: stop with a clear error when the loss becomes NaN/inf.
         allow_teacher_change: resume a fit even if the teacher rebuilt from ``teacher``
             differs from the one the checkpoint was trained with (default: refuse).
@@ -69,13 +80,13 @@ class DistillationModule(BaseModule):
 
     Logs ``train/loss_step``/``train/loss_epoch`` (``train/loss`` for callbacks),
     ``train/loss_<head>`` per head (``BaseModule.log_train_step``), and for val/test
-    ``student_acc``, ``teacher_acc``, ``agreement``, ``student_ece``, ``teacher_ece``
+    ``acc`` (the student), ``teacher_acc``, ``agreement``, ``ece``, ``teacher_ece``
     and ``kl_teacher_student`` (KL(teacher ‖ student) at T=1). With several teachers the
     ``teacher_*`` metrics score the weighted ensemble and ``teacher<i>_acc``/``_ece`` each
     member.
     """
 
-    monitor = "val/student_acc"
+    monitor = "val/acc"
     prog_bar_metrics = ("student",)
 
     def __init__(
@@ -85,7 +96,8 @@ class DistillationModule(BaseModule):
         teacher: TeacherSpec | list[TeacherSpec] | None = None,
         heads: list[LossHead] | None = None,
         num_classes: int = 10,
-        input_shape: tuple[int, int, int] = (1, 28, 28),
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        vocab_sizes: dict[str, int] | None = None,
         check_finite: bool = True,
         allow_teacher_change: bool = False,
         init_from_teacher: InitStrategy = "none",
@@ -108,15 +120,18 @@ class DistillationModule(BaseModule):
         self.check_finite = check_finite
         self.allow_teacher_change = allow_teacher_change
 
+        self.vocab_sizes = dict(vocab_sizes or {})
         self.student = model_from_config(
-            student, num_classes, self.input_shape[0], "model.student", student_kwargs
+            student, num_classes, builder_inputs(self.input_shape, vocab_sizes, "student"),
+            "model.student", student_kwargs,
         )
         specs = teacher if isinstance(teacher, list) else [teacher] if teacher else []
         if not specs:
             raise ConfigError("model.teacher", teacher, "give a teacher: {checkpoint: path/to.ckpt}")
         fields = ["model.teacher"] if len(specs) == 1 else [f"model.teacher[{i}]" for i in range(len(specs))]
         self._teachers: list[nn.Module] = [
-            build_teacher(s, num_classes, self.input_shape[0], f) for s, f in zip(specs, fields)
+            build_teacher(s, num_classes, builder_inputs(self.input_shape, vocab_sizes, "teacher"), f)
+            for s, f in zip(specs, fields)
         ]
         self.teacher_weights = [float(s.weight) for s in specs]
         self.teacher_fingerprints = [fingerprint(t) for t in self._teachers]
@@ -148,7 +163,7 @@ class DistillationModule(BaseModule):
         for t in self._teachers:
             _speed_up(t, teacher_channels_last, teacher_compile, compile_kwargs)
 
-        self.train_metrics = classifier_metrics(num_classes, "train/", "student_")
+        self.train_metrics = classifier_metrics(num_classes, "train/")
         # kd-lightning DataModules report their unlabelled count; others may hold -1 labels
         self._mask_unlabelled = True
         self.val_metrics = self._eval_metrics("val/")
@@ -176,10 +191,10 @@ class DistillationModule(BaseModule):
     @torch.no_grad()
     def _build_heads(self) -> None:
         """Dummy forward: checks shapes/classes, then sizes each head's adapters."""
-        x = torch.zeros(2, *self.input_shape)
-        student = self._probe(self._student_taps, x, "model.student", self.hparams.student)
+        batch = dummy_batch(self.input_shape, self.vocab_sizes)
+        student = self._probe(self._student_taps, batch, "student", self.hparams.student)
         teachers = [
-            self._probe(taps, x, f"model.teacher[{i}]", getattr(taps.model, "kd_name", "teacher"))
+            self._probe(taps, batch, "teacher", getattr(taps.model, "kd_name", "teacher"), f"[{i}]")
             for i, taps in enumerate(self._teacher_taps)
         ]
         s_shapes = {k: v.shape for k, v in student.features.items()}
@@ -187,16 +202,18 @@ class DistillationModule(BaseModule):
             t_shapes = {k: v.shape for k, v in teachers[head.teacher_index].features.items()}
             head.build(s_shapes, t_shapes)
 
-    def _probe(self, taps: FeatureTaps, x: Tensor, field: str, name: str) -> ModelOutput:
+    def _probe(self, taps: FeatureTaps, batch: dict[str, Tensor], role: str, name: str,
+               suffix: str = "") -> ModelOutput:
+        field = f"model.{role}{suffix}"
         was_training = taps.model.training
         taps.model.eval()
         try:
-            out = taps(x)
-        except RuntimeError as err:
+            out = taps(*model_inputs(taps.model, batch, role))
+        except (RuntimeError, IndexError) as err:
             raise ConfigError(
                 field, name,
                 f"it cannot run on the data's inputs of shape {tuple(self.input_shape)} ({err}); "
-                "pick a model built for this input size/channels",
+                "pick a model built for this input size/channels (or vocabulary)",
             ) from None
         finally:
             nn.Module.train(taps.model, was_training)
@@ -208,7 +225,7 @@ class DistillationModule(BaseModule):
 
     def _eval_metrics(self, prefix: str) -> nn.ModuleDict:
         metrics = nn.ModuleDict({
-            "student": classifier_metrics(self.num_classes, prefix, "student_"),
+            "student": classifier_metrics(self.num_classes, prefix),
             "teacher": classifier_metrics(self.num_classes, prefix, "teacher_"),
             "agreement": agreement_metric(self.num_classes),
             "kl_teacher_student": MeanMetric(),  # KL(teacher ‖ student) at T=1
@@ -241,13 +258,13 @@ class DistillationModule(BaseModule):
         if stage is not None:
             members = self.teacher_cache(stage, batch, self._run_teachers)
         else:
-            members = self._run_teachers(batch["image"])
+            members = self._run_teachers(batch)
         return TeacherOutput(members, self.teacher_weights)
 
-    def _run_teachers(self, x: Tensor) -> list[ModelOutput]:
+    def _run_teachers(self, batch: dict[str, Tensor]) -> list[ModelOutput]:
         # cloned out of inference mode so heads may save them for backward
         with torch.inference_mode():
-            members = [taps(x) for taps in self._teacher_taps]
+            members = [taps(*model_inputs(taps.model, batch, "teacher")) for taps in self._teacher_taps]
         return [
             ModelOutput(m.logits.clone(), {k: v.clone() for k, v in m.features.items()})
             for m in members
@@ -264,8 +281,8 @@ class DistillationModule(BaseModule):
         self._mask_unlabelled = getattr(dm, "num_unlabelled", None) != 0
 
     # -- the loss -------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        return self.student(x)
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.student(*inputs)
 
     def compute_loss(
         self, student: ModelOutput, teacher: TeacherOutput, batch: dict[str, Tensor]
@@ -278,6 +295,7 @@ class DistillationModule(BaseModule):
             teacher = TeacherOutput(members, teacher.weights)
         terms: dict[str, Tensor] = {}
         total: Tensor | None = None
+        task: Tensor | None = None  # Σ of the task (label) heads, for split_backward
         # entering autocast(enabled=False) costs more than a small head: only when needed
         autocast = torch.is_autocast_enabled(self.device.type)
         with torch.autocast(self.device.type, enabled=False) if autocast else nullcontext():
@@ -287,17 +305,43 @@ class DistillationModule(BaseModule):
                 terms[head.name] = term.detach()
                 if w != 0:
                     total = w * term if total is None else total + w * term
+                    if self._split_backward is not None and getattr(head, "is_task_loss", False):
+                        task = w * term if task is None else task + w * term
         if total is None:  # every weight is 0 now (a schedule's warm-up): a zero with a graph
             total = student.logits.sum() * 0.0
+        if self._split_backward is not None:
+            zero = student.logits.sum() * 0.0
+            self._split_terms = (task if task is not None else zero,
+                                 total - task if task is not None else total)
         return total, terms
+
+    # -- optimizers that treat the task and distillation gradients apart (DOT) --------------
+    #: the optimizer's ``split_backward(task_loss, distill_loss)``, when it has one
+    _split_backward = None
+    _split_terms: tuple[Tensor, Tensor] | None = None
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        optimizers = self.trainer.optimizers
+        self._split_backward = getattr(optimizers[0], "split_backward", None) if optimizers else None
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Plain ``loss.backward()``, unless the optimizer takes the task (``is_task_loss``
+        heads) and distillation losses apart: then it runs the backward passes itself."""
+        if self._split_backward is None or self._split_terms is None:
+            super().backward(loss, *args, **kwargs)
+            return
+        task, distill = self._split_terms
+        self._split_terms = None
+        self._split_backward(task, distill)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         teacher = self.teacher_forward(batch)
-        student = self._student_taps(batch["image"])
+        student = self._student_taps(*model_inputs(self.student, batch, "student"))
         loss, terms = self.compute_loss(student, teacher, batch)
         if self.check_finite:
             self._assert_finite(loss, terms, batch_idx)
-        self.log_train_step(loss, len(batch["image"]), batch_idx, terms)
+        self.log_train_step(loss, batch_size(batch), batch_idx, terms)
         if self._mask_unlabelled:
             labelled = batch["label"] >= 0
             if labelled.any():  # a host sync: only when the data may hold unlabelled samples
@@ -320,7 +364,7 @@ class DistillationModule(BaseModule):
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
         teacher = self.teacher_forward(batch)
-        s_logits = self.student(batch["image"]).float()
+        s_logits = self.student(*model_inputs(self.student, batch, "student")).float()
         y, n = batch["label"], len(batch["label"])
         metrics["student"].update(s_logits, y)
         metrics["teacher"].update(teacher.probs(), y)
@@ -340,7 +384,7 @@ class DistillationModule(BaseModule):
         self._eval_step(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.student(batch["image"]).softmax(dim=1)
+        return self.student(*model_inputs(self.student, batch, "student")).softmax(dim=1)
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

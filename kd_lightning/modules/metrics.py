@@ -9,7 +9,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 def classifier_metrics(num_classes: int, prefix: str, name: str = "") -> MetricCollection:
     """Top-1 accuracy and ECE (plus top-5 when there are more than 10 classes).
 
-    ``name`` prefixes each key, e.g. ``student_`` → ``val/student_acc``.
+    ``name`` prefixes each key, e.g. ``teacher_`` → ``val/teacher_acc``.
     """
     metrics = {
         f"{name}acc": MulticlassAccuracy(num_classes, average="micro"),

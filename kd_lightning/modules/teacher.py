@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.models import create_model, model_from_config
+from kd_lightning.models import model_from_config
 
 
 @dataclass
@@ -56,8 +56,12 @@ def _load_file(path: str, field_name: str) -> dict:
         ) from None
 
 
-def build_teacher(spec: TeacherSpec, num_classes: int, in_channels: int, field_name: str) -> nn.Module:
-    """Build and freeze one teacher from its spec."""
+def build_teacher(
+    spec: TeacherSpec, num_classes: int, inputs: int | dict[str, Any], field_name: str
+) -> nn.Module:
+    """Build and freeze one teacher from its spec. ``inputs``: what the data fixes about the
+    network (``in_channels`` as an int, or ``modules.inputs.builder_inputs``)."""
+    inputs = {"in_channels": inputs} if isinstance(inputs, int) else dict(inputs)
     if spec.checkpoint:
         ckpt = _load_file(spec.checkpoint, f"{field_name}.checkpoint")
         hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
@@ -80,22 +84,13 @@ def build_teacher(spec: TeacherSpec, num_classes: int, in_channels: int, field_n
                 f"the teacher was trained for {teacher_classes} classes but the data has "
                 f"{num_classes}; use a teacher trained on this dataset",
             )
-        shape = hparams.get("input_shape")
-        if shape is not None and int(shape[0]) != in_channels:
-            raise ConfigError(
-                f"{field_name}.checkpoint", spec.checkpoint,
-                f"the teacher was trained on {int(shape[0])}-channel inputs {tuple(shape)} but "
-                f"the data has {in_channels} channel(s) (e.g. a CIFAR teacher on MNIST); use a "
-                "teacher trained on this dataset",
-            )
+        _check_trained_inputs(hparams, inputs, f"{field_name}.checkpoint", spec.checkpoint)
         kwargs = dict(hparams.get("model_kwargs") or {})
-        model = create_model(arch, num_classes, in_channels, field=f"{field_name}.model", **kwargs)
+        model = model_from_config(arch, num_classes, inputs, f"{field_name}.model", kwargs)
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         _load_state(model, state, f"{field_name}.checkpoint", spec.checkpoint)
     elif spec.model:
-        model = model_from_config(
-            spec.model, num_classes, in_channels, f"{field_name}.model", spec.model_kwargs
-        )
+        model = model_from_config(spec.model, num_classes, inputs, f"{field_name}.model", spec.model_kwargs)
         if spec.weights:
             state = _load_file(spec.weights, f"{field_name}.weights")
             if isinstance(state, dict) and "state_dict" in state:
@@ -106,6 +101,31 @@ def build_teacher(spec: TeacherSpec, num_classes: int, in_channels: int, field_n
             field_name, spec, "give a teacher `checkpoint`, or a `model` name (plus optional `weights`)"
         )
     return freeze(model)
+
+
+def _check_trained_inputs(hparams: dict, inputs: dict[str, Any], field_name: str, path: str) -> None:
+    """The data must feed the teacher what it was trained on: as many image channels, or
+    token ids from a vocabulary of the same size."""
+    shape = hparams.get("input_shape")
+    if "in_channels" in inputs:
+        if shape is not None and (len(shape) != 3 or int(shape[0]) != inputs["in_channels"]):
+            raise ConfigError(
+                field_name, path,
+                f"the teacher was trained on inputs of shape {tuple(shape)} but the data has "
+                f"{inputs['in_channels']}-channel images (e.g. a CIFAR teacher on MNIST); use a "
+                "teacher trained on this dataset",
+            )
+        return
+    if shape is not None and len(shape) != 1:
+        raise ConfigError(field_name, path, f"the teacher was trained on images {tuple(shape)}, not text")
+    trained = (hparams.get("vocab_sizes") or {}).get("input_ids")
+    if trained is not None and int(trained) != inputs["vocab_size"]:
+        raise ConfigError(
+            field_name, path,
+            f"the teacher reads a vocabulary of {trained} tokens but the data's tokenizer has "
+            f"{inputs['vocab_size']}; give the data the tokenizer the teacher was trained with "
+            "(same data.tokenizer and data.vocab_size)",
+        )
 
 
 def _load_state(model: nn.Module, state: dict, field_name: str, path: str) -> None:

@@ -29,7 +29,8 @@ from torch import Tensor
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.outputs import ModelOutput
 
-Compute = Callable[[Tensor], list[ModelOutput]]
+#: the teachers on a (sub-)batch dict
+Compute = Callable[[dict[str, Any]], list[ModelOutput]]
 
 
 class _Table:
@@ -60,7 +61,9 @@ class _Table:
         else:
             self.members = [{k: resized(t, t[0, 0]) for k, t in m.items()} for m in self.members]
 
-    def lookup(self, index: Tensor, view: Tensor, compute: Compute, x: Tensor) -> tuple[list[ModelOutput], int]:
+    def lookup(
+        self, index: Tensor, view: Tensor, compute: Compute, batch: dict[str, Any]
+    ) -> tuple[list[ModelOutput], int]:
         """The outputs for ``(index, view)`` and how many of them had to be computed."""
         if self.filled is None:
             missing = torch.ones_like(index, dtype=torch.bool)
@@ -72,18 +75,27 @@ class _Table:
         n_missing = int(missing.sum())
         if n_missing:
             rows = missing.nonzero().flatten()
-            fresh = compute(x[rows.to(x.device)])  # the teachers see the missing samples only
+            fresh = compute(_rows(batch, rows, len(index)))  # the teachers see the missing samples only
             device = index.device if self.filled is None else self.filled.device
             self._grow(int(index.max()) + 1, int(view.max()) + 1, fresh, device)
             i, j = index[rows], view[rows]
             for table, out in zip(self.members, fresh):
                 for k, t in {"logits": out.logits, **out.features}.items():
+                    if t.shape[1:] != table[k].shape[2:]:
+                        raise ConfigError(
+                            "model.teacher_cache", True,
+                            f"teacher output {k!r} changes shape between batches "
+                            f"({tuple(table[k].shape[2:])} vs {tuple(t.shape[1:])}, e.g. token "
+                            "features under dynamic padding); cache logit heads only, or turn "
+                            "off model.teacher_cache",
+                        )
                     table[k][i, j] = t.to(table[k].device)
             self.filled[i, j] = True
+        device = batch["index"].device  # where the batch is (index itself may be moved to cpu)
         outputs = [
             ModelOutput(
-                table["logits"][index, view].to(x.device, non_blocking=True),
-                {k: t[index, view].to(x.device, non_blocking=True)
+                table["logits"][index, view].to(device, non_blocking=True),
+                {k: t[index, view].to(device, non_blocking=True)
                  for k, t in table.items() if k != "logits"},
             )
             for table in self.members
@@ -113,11 +125,12 @@ class TeacherCache:
     def __call__(self, stage: str, batch: dict[str, Any], compute: Compute) -> list[ModelOutput]:
         """The teachers' outputs for ``batch``, computing (and storing) only the misses."""
         index, view = _keys(batch, check_views=not self.data_checked)
+        batch = {**batch, "index": index}
         if self.device == "cpu":
             index, view = index.cpu(), view.cpu()
         table = self.tables.setdefault(stage, _Table())
         with torch.no_grad():
-            out, computed = table.lookup(index, view, compute, batch["image"])
+            out, computed = table.lookup(index, view, compute, batch)
         self.misses += computed
         self.hits += len(index) - computed
         return out
@@ -131,6 +144,14 @@ class TeacherCache:
             x.numel() * x.element_size()
             for t in self.tables.values() for m in t.members for x in m.values()
         )
+
+
+def _rows(batch: dict[str, Any], rows: Tensor, n: int) -> dict[str, Any]:
+    """The samples ``rows`` of every per-sample tensor in ``batch``."""
+    return {
+        k: v[rows.to(v.device)] if isinstance(v, Tensor) and v.ndim and len(v) == n else v
+        for k, v in batch.items()
+    }
 
 
 def _keys(batch: dict[str, Any], check_views: bool = True) -> tuple[Tensor, Tensor]:
