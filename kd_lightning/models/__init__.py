@@ -5,6 +5,7 @@ from kd_lightning.models import (  # noqa: F401
     cifar_resnet,
     mnist,
     mobilenetv2,
+    resnetv2,
     shufflenetv1,
     shufflenetv2,
     text,
