@@ -22,6 +22,7 @@ from kd_lightning.losses.pseudo_label import PseudoLabel
 from kd_lightning.losses.rkd import RKD
 from kd_lightning.losses.schedules import Constant, LinearWarmup, Schedule, StepWarmup
 from kd_lightning.losses.sp import SimilarityPreserving
+from kd_lightning.losses.transformer import AttentionMSE, HiddenStateCosine, HiddenStateMSE
 
 __all__ = [
     "CRD",
@@ -29,12 +30,15 @@ __all__ = [
     "NST",
     "PKT",
     "RKD",
+    "AttentionMSE",
     "AttentionTransfer",
     "Connector",
     "Constant",
     "CrossEntropy",
     "FeatureHead",
     "FitNet",
+    "HiddenStateCosine",
+    "HiddenStateMSE",
     "KLDivergence",
     "LinearWarmup",
     "LogitMSE",
