@@ -4,6 +4,7 @@
 from kd_lightning.models import (  # noqa: F401
     cifar_resnet,
     mnist,
+    mobilenetv1,
     mobilenetv2,
     resnetv2,
     shufflenetv1,
