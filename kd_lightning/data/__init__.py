@@ -3,7 +3,15 @@
 from kd_lightning.data.base import KDDataModule
 from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from kd_lightning.data.mnist import BundledMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
-from kd_lightning.data.transfer import ArrayFileSource, AugmentedCopies, TransferSource
+from kd_lightning.data.text import HFTextDataModule, RottenTomatoesDataModule, TextDataModule
+from kd_lightning.data.text_augment import TextAugmentTransfer
+from kd_lightning.data.transfer import (
+    ArrayFileSource,
+    AugmentedCopies,
+    TextFileSource,
+    TextTransferSource,
+    TransferSource,
+)
 
 __all__ = [
     "ArrayFileSource",
@@ -12,7 +20,13 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "FashionMNISTDataModule",
+    "HFTextDataModule",
     "KDDataModule",
     "MNISTDataModule",
+    "RottenTomatoesDataModule",
+    "TextAugmentTransfer",
+    "TextDataModule",
+    "TextFileSource",
+    "TextTransferSource",
     "TransferSource",
 ]

@@ -20,6 +20,11 @@ and in YAML::
 Its images join the training set with label -1 (so label-using heads skip them) and with
 ``index`` values past the end of the train split's source array, so they never collide
 with train/val indices (which key CRD memory banks and teacher caches).
+
+Text DataModules (``kd_lightning.data.text``) take a ``TextTransferSource`` instead: its
+``texts(context)`` returns strings, which the DataModule tokenizes like its own texts and
+appends the same way (label -1, fresh indices). ``TextAugmentTransfer`` (Tang et al. 2019's
+augmentation, ``kd_lightning.data.text_augment``) and ``TextFileSource`` are the built-ins.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import math
 import os
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -228,9 +234,11 @@ def check_label_args(
     labeled_fraction: float | None,
     num_labeled: int | None,
     train_on: str,
-    extra_transfer: TransferSource | None,
+    extra_transfer: TransferSource | TextTransferSource | None,
+    source_type: type = TransferSource,
 ) -> None:
-    """Validate the DataModule's label-scarcity arguments before anything is loaded."""
+    """Validate the DataModule's label-scarcity arguments before anything is loaded
+    (``source_type``: the transfer-source class the DataModule accepts)."""
     if labeled_fraction is not None and num_labeled is not None:
         raise ConfigError(
             "data.num_labeled", num_labeled, "set either data.labeled_fraction or data.num_labeled, not both"
@@ -241,10 +249,14 @@ def check_label_args(
         raise ConfigError("data.num_labeled", num_labeled, "use at least 1 labelled sample")
     if train_on not in ("all", "labeled"):
         raise ConfigError("data.train_on", train_on, "use 'all' (the transfer set, for KD) or 'labeled'")
-    if extra_transfer is not None and not isinstance(extra_transfer, TransferSource):
+    if extra_transfer is not None and not isinstance(extra_transfer, source_type):
+        examples = (
+            "TextAugmentTransfer or TextFileSource" if source_type is TextTransferSource
+            else "ArrayFileSource or AugmentedCopies"
+        )
         raise ConfigError(
             "data.extra_transfer", type(extra_transfer).__name__,
-            "give a kd_lightning.data.transfer.TransferSource, e.g. ArrayFileSource or AugmentedCopies",
+            f"give a kd_lightning.data.transfer.{source_type.__name__}, e.g. {examples}",
         )
     if extra_transfer is not None and train_on == "labeled":
         raise ConfigError(
@@ -330,3 +342,89 @@ def transfer_set(
     # extra rows go after the whole source array, so their `index` collides with no train/val row
     indices = torch.cat([train_idx, torch.arange(len(images), len(images) + len(more))])
     return torch.cat([images, more]), torch.cat([visible, visible.new_full((len(more),), -1)]), indices
+
+
+# -- text ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextTransferContext:
+    """What a text source may look at to produce its texts.
+
+    Attributes:
+        texts: every text of the DataModule's corpus (val/test rows included: only index it
+            with ``train_indices``/``labeled_indices``).
+        train_indices: rows of ``texts`` in the train split.
+        labeled_indices: rows of ``texts`` whose labels are visible (a subset of the above).
+        seed: a seed for any randomness, so the extra texts are reproducible.
+        mask_token: the tokenizer's mask token (``[MASK]`` for the offline WordPiece), or
+            None when it has none.
+    """
+
+    texts: Sequence[str]
+    train_indices: Tensor
+    labeled_indices: Tensor
+    seed: int
+    mask_token: str | None = None
+
+
+class TextTransferSource(ABC):
+    """A plug-in source of unlabelled texts for a text DataModule's transfer set."""
+
+    @abstractmethod
+    def texts(self, context: TextTransferContext) -> list[str]:
+        """Return extra texts; the DataModule tokenizes them and gives them label -1."""
+
+
+class TextFileSource(TextTransferSource):
+    """Unlabelled texts from a UTF-8 file, one text per line (blank lines skipped).
+
+    Args:
+        path: the file.
+        max_samples: keep a seeded random subset of at most this many lines.
+    """
+
+    def __init__(self, path: str, max_samples: int | None = None) -> None:
+        if max_samples is not None and max_samples < 1:
+            raise ConfigError("data.extra_transfer.max_samples", max_samples, "use at least 1, or null for all")
+        self.path = path
+        self.max_samples = max_samples
+
+    def texts(self, context: TextTransferContext) -> list[str]:
+        path = Path(self.path)
+        if not path.is_file():
+            raise ConfigError("data.extra_transfer.path", self.path, "no such file; give a text file, one text per line")
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as err:
+            raise ConfigError("data.extra_transfer.path", self.path, f"not UTF-8 text ({err.reason})") from None
+        lines = [line for line in lines if line]
+        if self.max_samples is not None and len(lines) > self.max_samples:
+            gen = torch.Generator().manual_seed(context.seed)
+            keep = torch.sort(torch.randperm(len(lines), generator=gen)[: self.max_samples]).values
+            lines = [lines[i] for i in keep.tolist()]
+        return lines
+
+
+def text_transfer_set(
+    texts: Sequence[str],
+    labels: Tensor,
+    train_idx: Tensor,
+    labeled_idx: Tensor,
+    extra: TextTransferSource | None,
+    seed: int,
+    mask_token: str | None,
+) -> tuple[list[str], Tensor, Tensor]:
+    """(extra texts, labels, indices) of a text KD transfer set, the counterpart of
+    ``transfer_set``: ``labels`` covers the corpus plus the extra texts, with every label
+    outside ``labeled_idx`` hidden as -1 (in a copy: val/test keep theirs), and ``indices``
+    are the train rows followed by the extra texts' rows, numbered past the corpus."""
+    visible = torch.full_like(labels, -1)
+    visible[labeled_idx] = labels[labeled_idx]
+    if extra is None:
+        return [], visible, train_idx
+    more = extra.texts(TextTransferContext(texts, train_idx, labeled_idx, seed, mask_token))
+    if not isinstance(more, list) or not all(isinstance(t, str) for t in more):
+        raise ConfigError(
+            "data.extra_transfer", type(extra).__name__, f"it returned {type(more).__name__}; return a list of str"
+        )
+    indices = torch.cat([train_idx, torch.arange(len(texts), len(texts) + len(more))])
+    return more, torch.cat([visible, visible.new_full((len(more),), -1)]), indices
