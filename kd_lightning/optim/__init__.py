@@ -1,0 +1,8 @@
+"""Optimizers that know about distillation. ``DOT`` keeps separate momentum for the task
+and the distillation gradients; use it from YAML as ``model.init_args.optimizer:
+{class_path: kd_lightning.optim.DOT, init_args: {lr: 0.05, momentum: 0.9, delta: 0.075}}``.
+"""
+
+from kd_lightning.optim.dot import DOT
+
+__all__ = ["DOT"]
