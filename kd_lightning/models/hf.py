@@ -139,13 +139,18 @@ def _load(loader: Any, name: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained(name)``: the cache first, the Hub only when allowed."""
     try:
         return loader.from_pretrained(name, local_files_only=True, **kwargs)
-    except OSError as cached_err:
-        local = Path(name).expanduser()
-        if local.exists():  # a local folder that lacks the files: no download can help
+    except (OSError, ValueError) as cached_err:
+        first_line = str(cached_err).strip().splitlines()[0]
+        if Path(name).expanduser().exists():  # a local folder: no download can help
             raise ConfigError(
                 "model", f"hf:{name}",
-                f"the folder has no loadable model ({str(cached_err).splitlines()[0]}); save one "
-                "there with save_pretrained()",
+                f"the folder has no loadable model ({first_line}); save one there with "
+                "save_pretrained()",
+            ) from None
+        if isinstance(cached_err, ValueError):  # cached, but not a model transformers knows
+            raise ConfigError(
+                "model", f"hf:{name}",
+                f"transformers cannot build it ({first_line}); use a sequence-classification model",
             ) from None
         if _offline() or not _hub_reachable():
             why = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face Hub is unreachable"
@@ -157,10 +162,11 @@ def _load(loader: Any, name: str, **kwargs: Any) -> Any:
             ) from None
     try:
         return loader.from_pretrained(name, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ConfigError(
             "model", f"hf:{name}",
-            f"no such model on the Hugging Face Hub ({str(err).splitlines()[0]}); check the id",
+            f"it cannot be loaded from the Hugging Face Hub ({str(err).strip().splitlines()[0]}); "
+            "check the id",
         ) from None
 
 

@@ -30,8 +30,9 @@ TEXT_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask")
 
 
 def _positive(field: str, value: int) -> int:
+    # the registry re-raises under the caller's field (model.student, …): name the kwarg here
     if int(value) < 1:
-        raise ConfigError(f"model_kwargs.{field}", value, "use a value >= 1")
+        raise ConfigError("model", {field: value}, f"the model kwarg {field} must be >= 1")
     return int(value)
 
 
@@ -113,7 +114,7 @@ class KimCNN(nn.Module):
     ) -> None:
         super().__init__()
         if not widths:
-            raise ConfigError("model_kwargs.widths", widths, "give at least one filter width")
+            raise ConfigError("model", {"widths": widths}, "give at least one filter width")
         self.widths = tuple(_positive("widths", w) for w in widths)
         self.embedding = nn.Embedding(vocab_size, _positive("embed_dim", embed_dim))
         self.convs = nn.ModuleList(
@@ -184,7 +185,8 @@ def bert(
         _positive(field, value)
     if hidden % heads:
         raise ConfigError(
-            "model_kwargs.heads", heads, f"hidden={hidden} must be a multiple of the head count"
+            "model", {"hidden": hidden, "heads": heads},
+            "the model kwarg hidden must be a multiple of heads (e.g. hidden 256, heads 4)",
         )
     config = BertConfig(
         vocab_size=vocab_size,
