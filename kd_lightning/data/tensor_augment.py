@@ -2,7 +2,7 @@
 
 Two pieces that make the data path fast and the teacher cache correct:
 
-* ``TensorAugment`` applies random-crop (zero padding) + horizontal flip + normalisation to
+* ``TensorAugment`` applies random-crop (zero or reflect padding) + horizontal flip + normalisation to
   a whole uint8 batch at once, on whatever device the batch is on. It replaces the
   per-image PIL pipeline (``Image.fromarray`` → ``RandomCrop`` → ``ToTensor`` →
   ``Normalize`` in DataLoader workers) with three batched tensor ops after the host→device
@@ -75,15 +75,17 @@ def view_seed(seed: int, index: int, view: int) -> int:
 
 # -- batched crop / flip / normalise -------------------------------------------------------
 class TensorAugment:
-    """Random-crop with zero padding, horizontal flip and normalisation of a uint8 batch.
+    """Random-crop with zero or reflect padding, horizontal flip and normalisation of a uint8 batch.
 
-    Matches torchvision's ``RandomCrop(size, padding=p)`` (offsets uniform in
-    ``[0, 2p]``, padding pixels are 0 before normalisation) followed by
+    Matches torchvision's ``RandomCrop(size, padding=p, padding_mode=...)`` (offsets uniform
+    in ``[0, 2p]``; padding pixels are 0 before normalisation, or the image mirrored without
+    repeating its edge for ``reflect``, KD-Zoo's CIFAR recipe) followed by
     ``RandomHorizontalFlip(flip_p)``, ``ToTensor`` and ``Normalize(mean, std)``.
 
     Args:
         mean, std: per-channel normalisation, as for ``T.Normalize`` (on [0, 1] pixels).
-        padding: zero padding of the random crop (0: no crop).
+        padding: padding of the random crop (0: no crop).
+        padding_mode: ``constant`` (zeros) or ``reflect``.
         flip_p: probability of a horizontal flip (0: no flip).
         seed: seed of the deterministic views (``view >= 0`` in ``__call__``).
     """
@@ -95,9 +97,13 @@ class TensorAugment:
         padding: int = 0,
         flip_p: float = 0.0,
         seed: int = 0,
+        padding_mode: str = "constant",
     ) -> None:
         if padding < 0:
             raise ConfigError("TensorAugment.padding", padding, "use a padding >= 0")
+        if padding_mode not in ("constant", "reflect"):
+            raise ConfigError("TensorAugment.padding_mode", padding_mode, "use constant or reflect")
+        self.padding_mode = padding_mode
         if not 0.0 <= flip_p <= 1.0:
             raise ConfigError("TensorAugment.flip_p", flip_p, "use a probability in [0, 1]")
         std_t = torch.tensor(std, dtype=torch.float32)
@@ -123,25 +129,26 @@ class TensorAugment:
     ) -> TensorAugment:
         """The tensor equivalent of a DataModule's PIL ``augmentations()`` list.
 
-        Only ``RandomCrop`` (at the image size, constant 0 fill) and
+        Only ``RandomCrop`` (at the image size, constant 0 fill or reflect padding) and
         ``RandomHorizontalFlip`` have tensor equivalents; anything else is refused rather
         than silently dropped.
         """
-        padding, flip_p = 0, 0.0
+        padding, flip_p, mode = 0, 0.0, "constant"
         for t in transforms:
             if isinstance(t, T.RandomCrop):
                 pad = t.padding if t.padding is not None else 0
                 pads = {pad} if isinstance(pad, int) else set(pad)
                 if (
                     tuple(t.size) != tuple(image_size) or len(pads) != 1 or t.pad_if_needed
-                    or t.padding_mode != "constant" or t.fill not in (0, (0,), None)
+                    or t.padding_mode not in ("constant", "reflect")
+                    or (t.padding_mode == "constant" and t.fill not in (0, (0,), None))
                 ):
                     raise ConfigError(
                         field, True,
                         f"{t!r} has no on-device equivalent (only RandomCrop at the image size "
-                        "with one zero padding): set data.augment_on_device=false",
+                        "with one zero or reflect padding): set data.augment_on_device=false",
                     )
-                padding = pads.pop()
+                padding, mode = pads.pop(), t.padding_mode
             elif isinstance(t, T.RandomHorizontalFlip):
                 flip_p = float(t.p)
             else:
@@ -150,7 +157,7 @@ class TensorAugment:
                     f"the dataset's augmentation {type(t).__name__} has no on-device equivalent "
                     "(supported: RandomCrop, RandomHorizontalFlip): set data.augment_on_device=false",
                 )
-        return cls(mean, std, padding, flip_p, seed)
+        return cls(mean, std, padding, flip_p, seed, mode)
 
     def params(
         self, n: int, device: torch.device, index: Tensor | None = None, view: Tensor | None = None
@@ -192,7 +199,9 @@ class TensorAugment:
     def _crop_flip(self, x: Tensor, oy: Tensor, ox: Tensor, flip: Tensor) -> Tensor:
         n, _, h, w = x.shape
         p = self.padding
-        if p:
+        if p and self.padding_mode == "reflect":  # by index: reflection_pad has no uint8 kernel
+            x = x[:, :, _reflect_index(h, p, x.device)][:, :, :, _reflect_index(w, p, x.device)]
+        elif p:
             x = F.pad(x, (p, p, p, p))
         # All (2p+1)² crops of every image as a strided view (no copy), then one gather
         # of the chosen crop per image: much cheaper than per-axis index gathers.
@@ -201,6 +210,13 @@ class TensorAugment:
         if self.flip_p > 0:
             crops = torch.where(flip[:, None, None, None], crops.flip(3), crops)
         return crops
+
+
+def _reflect_index(size: int, p: int, device: torch.device) -> Tensor:
+    """Source rows of a reflect-padded axis: -p..size+p-1 mirrored at 0 and size-1 (the
+    edge is not repeated, as in ``F.pad(mode="reflect")`` and torchvision)."""
+    idx = torch.arange(-p, size + p, device=device).abs()
+    return torch.where(idx >= size, 2 * (size - 1) - idx, idx)
 
 
 # -- batched fetching ----------------------------------------------------------------------
