@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from kd_lightning.errors import ConfigError
 from kd_lightning.modules.inputs import model_inputs
 
 #: result key → the label every table prints beside it
@@ -46,17 +47,24 @@ class TestEveryEpoch(Callback):
             ``trainer.default_root_dir``).
         every_n_epochs: measure every N epochs (the last epoch is always measured).
         monitor: the validation metric that picks ``best_by_val`` (higher is better).
+        source_reports: which of the three the recipe's source published (``last`` for
+            RepDistiller, ``best_on_test`` for mdistiller/KD-Zoo/torchdistill); written to
+            the result file so a table compares like with like.
     """
 
     __test__ = False  # a Lightning callback, not a pytest class
 
     def __init__(self, output: str | None = None, every_n_epochs: int = 1,
-                 monitor: str = "val/acc") -> None:
+                 monitor: str = "val/acc",
+                 source_reports: Literal["last", "best_by_val", "best_on_test"] | None = None,
+                 ) -> None:
         if every_n_epochs < 1:
-            from kd_lightning.errors import ConfigError
-
             raise ConfigError("TestEveryEpoch.every_n_epochs", every_n_epochs, "use 1 or more")
+        if source_reports is not None and source_reports not in LABELS:
+            raise ConfigError("TestEveryEpoch.source_reports", source_reports,
+                              f"use one of {', '.join(LABELS)}")
         self.output, self.every_n_epochs, self.monitor = output, every_n_epochs, monitor
+        self.source_reports = source_reports
         #: one entry per measured epoch: {"epoch" (1-based), "test_acc", "val_acc"}
         self.history: list[dict[str, Any]] = []
         self.path: Path | None = None
@@ -141,6 +149,7 @@ class TestEveryEpoch(Callback):
         train_set = getattr(dm, "train_set", None)
         record = {
             "accuracy": self.summary(),
+            "source_reports": self.source_reports,
             "protocol": {
                 "val_fraction": getattr(dm, "val_fraction", None),
                 "train_images": None if train_set is None else len(train_set),
