@@ -73,7 +73,14 @@ class LossHead(nn.Module):
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
         raise NotImplementedError
 
+    #: the training progress of the current step, set by ``current_weight`` (which the
+    #: DistillationModule calls just before ``forward``): heads with their own curriculum
+    #: (CTKD's temperature adversary, FT's paraphraser warm-up) read it in ``forward``
+    epoch: int = 0
+    global_step: int = 0
+
     def current_weight(self, epoch: int, step: int) -> float:
+        self.epoch, self.global_step = int(epoch), int(step)
         return self.weight * (self.schedule(epoch, step) if self.schedule else 1.0)
 
     def extra_repr(self) -> str:

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch, LossHead, check_temperature, labelled, masked_mean
+from kd_lightning.losses.logit_standardization import standardize, standardized_teacher
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
 from kd_lightning.losses.schedules import Schedule
 
@@ -46,6 +47,9 @@ class DKD(LossHead):
         beta: weight of NCKD (mdistiller CIFAR-100: 8.0; ImageNet: 0.5).
         temperature: T > 0 (4.0 on CIFAR-100, 1.0 on ImageNet).
         unlabelled_nckd: unlabelled samples feed NCKD around the teacher's argmax.
+        logit_standardization: z-score both networks' logits per sample first (Sun et al.
+            2024). Their CIFAR-100 "DKD+LS" run sets alpha=9, beta=81 and keeps T=4 (their
+            ``tools/train.py`` scales alpha by 9 and sets beta from the scaled alpha).
     """
 
     default_name = "dkd"
@@ -58,6 +62,7 @@ class DKD(LossHead):
         beta: float = 8.0,
         temperature: float = 4.0,
         unlabelled_nckd: bool = False,
+        logit_standardization: bool = False,
         schedule: Schedule | None = None,
         name: str | None = None,
     ) -> None:
@@ -68,12 +73,16 @@ class DKD(LossHead):
                 raise ConfigError(f"DKD.{field}", value, "use a weight >= 0 (mdistiller: alpha 1, beta 8)")
         self.alpha, self.beta = float(alpha), float(beta)
         self.unlabelled_nckd = unlabelled_nckd
+        self.logit_standardization = logit_standardization
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
         t = self.temperature
         has_label = labelled(batch)
         target = batch["label"].clamp_min(0)
-        log_p_s = F.log_softmax(student.logits.float() / t, dim=1)
+        z_s = student.logits.float()
+        if self.logit_standardization:
+            z_s, teacher = standardize(z_s), standardized_teacher(teacher)
+        log_p_s = F.log_softmax(z_s / t, dim=1)
         log_p_t = teacher.log_probs(t)
 
         bin_s, rest_s = _split(log_p_s, target)

@@ -1,0 +1,311 @@
+"""The modern KD heads (issue #14) against independent evaluations of the papers' formulas,
+values and gradients, on small hand-made tensors; plus their edge cases (log of zero,
+zero-variance rows, a class absent from the batch) and their trainable parts.
+
+The references are written as the equations read (explicit loops over samples/classes,
+``math``-style sums), not by calling the heads' helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses import (
+    CTKD,
+    DIST,
+    DKD,
+    MLKD,
+    WTTM,
+    CrossEntropy,
+    KLDivergence,
+    ModelOutput,
+    TeacherOutput,
+)
+from kd_lightning.modules import DistillationModule
+from kd_lightning.modules.teacher import TeacherSpec
+
+N, C = 5, 4
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    z_s = torch.randn(N, C, generator=g) * 2
+    z_t = torch.randn(N, C, generator=g) * 3
+    y = torch.tensor([0, 1, 2, 3, 1])
+    return z_s, z_t, y
+
+
+def _run(head, z_s, z_t, batch=None):
+    """The head's loss and its gradient with respect to the student logits."""
+    z = z_s.clone().requires_grad_()
+    batch = batch if batch is not None else {"label": torch.zeros(len(z_s), dtype=torch.long)}
+    loss = head(ModelOutput(z), TeacherOutput([ModelOutput(z_t)]), batch)
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach(), grad
+
+
+def _ref(fn, z_s, *args):
+    z = z_s.clone().double().requires_grad_()
+    loss = fn(z, *args)
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach().float(), grad.float()
+
+
+def _close(got, want, atol=1e-5):
+    (l1, g1), (l2, g2) = got, want
+    assert torch.isfinite(l1) and torch.isfinite(g1).all()
+    torch.testing.assert_close(l1, l2, atol=atol, rtol=1e-4)
+    torch.testing.assert_close(g1, g2, atol=atol, rtol=1e-4)
+
+
+# -- hand-written references ------------------------------------------------------------
+def softmax_rows(z, t=1.0):
+    rows = []
+    for row in z:
+        e = [math.e ** 0 * torch.exp((v - row.max()) / t) for v in row]
+        s = sum(e)
+        rows.append(torch.stack([v / s for v in e]))
+    return torch.stack(rows)
+
+
+def zscore_rows(z):
+    out = []
+    for row in z:
+        mean = sum(row) / len(row)
+        var = sum((v - mean) ** 2 for v in row) / (len(row) - 1)
+        std = var.sqrt() if var > 0 else var * 0
+        out.append(torch.stack([(v - mean) / (std + 1e-7) for v in row]))
+    return torch.stack(out)
+
+
+def kl_rows(p, q):
+    """Σ_c p log(p / q) per row, with 0·log 0 = 0."""
+    return torch.stack([
+        sum(pc * (pc.log() - qc.log()) if pc > 0 else pc * 0 for pc, qc in zip(pr, qr))
+        for pr, qr in zip(p, q)
+    ])
+
+
+def ref_kd(z_s, z_t, t, ls=False):
+    if ls:
+        z_s, z_t = zscore_rows(z_s), zscore_rows(z_t.double())
+    return kl_rows(softmax_rows(z_t.double(), t), softmax_rows(z_s, t)).mean() * t * t
+
+
+def _norm(v):
+    sq = (v * v).sum()
+    return sq.sqrt() if sq > 0 else sq * 0  # a zero vector has norm 0 and no direction
+
+
+def ref_pearson(a, b):
+    a = a - a.mean()
+    b = b - b.mean()
+    return (a * b).sum() / (_norm(a) * _norm(b) + 1e-8)
+
+
+def ref_dist(z_s, z_t, beta, gamma, t):
+    ys, yt = softmax_rows(z_s, t), softmax_rows(z_t.double(), t)
+    inter = 1 - sum(ref_pearson(ys[i], yt[i]) for i in range(len(ys))) / len(ys)
+    intra = 1 - sum(ref_pearson(ys[:, c], yt[:, c]) for c in range(ys.shape[1])) / ys.shape[1]
+    return t * t * (beta * inter + gamma * intra)
+
+
+def ref_wttm(z_s, z_t, gamma, weighted=True):
+    p_t = softmax_rows(z_t.double())
+    total = 0
+    for i in range(len(z_s)):
+        powered = p_t[i] ** gamma
+        u = powered.sum()
+        q = powered / u
+        kl = kl_rows(q[None], softmax_rows(z_s[i : i + 1]))[0]
+        total = total + (u * kl if weighted else kl)
+    return total / len(z_s)
+
+
+# -- logit standardization (a switch on KD, DKD, MLKD) ----------------------------------
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_kd_with_logit_standardization(logits, t):
+    z_s, z_t, _ = logits
+    head = KLDivergence(temperature=t, logit_standardization=True)
+    _close(_run(head, z_s, z_t), _ref(ref_kd, z_s, z_t, t, True))
+    # invariant to a per-sample shift and scale of either network's logits
+    shifted, _ = _run(head, z_s * 3 + 7, z_t * 0.5 - 2)
+    torch.testing.assert_close(shifted, _run(head, z_s, z_t)[0], atol=1e-5, rtol=1e-5)
+    # without the switch the head is plain KD
+    _close(_run(KLDivergence(temperature=t), z_s, z_t), _ref(ref_kd, z_s, z_t, t))
+
+
+def test_dkd_with_logit_standardization_equals_dkd_on_zscored_logits(logits):
+    z_s, z_t, y = logits
+    batch = {"label": y}
+    ls = DKD(alpha=1.0, beta=8.0, temperature=2.0, logit_standardization=True)
+    plain = DKD(alpha=1.0, beta=8.0, temperature=2.0)
+    got = _run(ls, z_s, z_t, batch)
+    z = z_s.clone().requires_grad_()
+    want_loss = plain(ModelOutput(zscore_rows(z)), TeacherOutput([ModelOutput(zscore_rows(z_t))]), batch)
+    (want_grad,) = torch.autograd.grad(want_loss, z)
+    _close(got, (want_loss.detach(), want_grad))
+
+
+def test_logit_standardization_zero_variance_row_is_finite(logits):
+    z_s, z_t, _ = logits
+    z_s, z_t = z_s.clone(), z_t.clone()
+    z_s[1] = 3.0  # a constant student row: standardises to zeros (uniform softmax)
+    z_t[2] = -1.0  # a constant teacher row
+    loss, grad = _run(KLDivergence(temperature=2.0, logit_standardization=True), z_s, z_t)
+    _close((loss, grad), _ref(ref_kd, z_s, z_t, 2.0, True))
+    assert torch.isfinite(grad).all()
+
+
+# -- DIST -------------------------------------------------------------------------------
+def test_dist_matches_the_pearson_formula(logits):
+    z_s, z_t, _ = logits
+    _close(_run(DIST(beta=2.0, gamma=0.5, temperature=4.0), z_s, z_t),
+           _ref(ref_dist, z_s, z_t, 2.0, 0.5, 4.0))
+    # identical predictions are perfectly correlated: zero loss
+    assert _run(DIST(), z_t, z_t)[0].abs() < 1e-6
+
+
+def test_dist_zero_variance_row_is_finite(logits):
+    z_s, z_t, _ = logits
+    z_s, z_t = z_s.clone(), z_t.clone()
+    z_s[0] = 0.5  # uniform student row: no correlation with anything
+    z_t[3] = 2.0
+    got = _run(DIST(beta=1.0, gamma=1.0, temperature=1.0), z_s, z_t)
+    _close(got, _ref(ref_dist, z_s, z_t, 1.0, 1.0, 1.0))
+
+
+# -- WTTM -------------------------------------------------------------------------------
+@pytest.mark.parametrize("weighted", [True, False])
+def test_wttm_matches_the_power_transform_formula(logits, weighted):
+    z_s, z_t, _ = logits
+    _close(_run(WTTM(gamma=0.2, weighted=weighted), z_s, z_t),
+           _ref(ref_wttm, z_s, z_t, 0.2, weighted))
+
+
+def test_wttm_gamma_one_is_kd_at_t1(logits):
+    z_s, z_t, _ = logits
+    # γ = 1: p̃_t = p_t and U = 1, so WTTM is KL(p_t ‖ p_s)
+    _close(_run(WTTM(gamma=1.0), z_s, z_t), _ref(ref_kd, z_s, z_t, 1.0))
+
+
+def test_log_of_zero_teacher_probability_stays_finite(logits):
+    """A teacher so confident that float32 softmax underflows to exact zeros."""
+    z_s, _, _ = logits
+    z_t = torch.tensor([[200.0, 0.0, -50.0, 0.0]] * N)
+    assert (torch.softmax(z_t, 1) == 0).any()
+    for head in (WTTM(gamma=0.1), KLDivergence(temperature=1.0), DIST(), MLKD(),
+                 KLDivergence(temperature=1.0, logit_standardization=True)):
+        loss, grad = _run(head, z_s, z_t)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), head
+
+
+# -- CTKD -------------------------------------------------------------------------------
+def test_ctkd_is_kd_at_its_learnt_temperature_with_reversed_gradient(logits):
+    z_s, z_t, _ = logits
+    head = CTKD(theta_init=0.3, lambda_epochs=4)
+    t = 1.0 + 20.0 * (1 / (1 + math.exp(-0.3)))
+    _close(_run(head, z_s, z_t), _ref(ref_kd, z_s, z_t, t), atol=1e-4)
+
+    def theta_grad(epoch):
+        head.zero_grad()
+        head.current_weight(epoch, 0)  # the module's per-step call: sets the epoch
+        head(ModelOutput(z_s), TeacherOutput([ModelOutput(z_t)]), {}).backward()
+        return head.theta.grad.item()
+
+    theta = torch.tensor(0.3, dtype=torch.double, requires_grad=True)
+    ref = ref_kd(z_s.double(), z_t, 1.0 + 20.0 * torch.sigmoid(theta))
+    (true_grad,) = torch.autograd.grad(ref, theta)
+    assert theta_grad(0) == 0.0  # λ(0) = 0: the curriculum starts without the adversary
+    assert theta_grad(2) == pytest.approx(-0.5 * true_grad.item(), rel=1e-4)  # λ = ½ at E/2
+    assert theta_grad(9) == pytest.approx(-true_grad.item(), rel=1e-4)  # λ = 1 after E
+
+
+def test_ctkd_temperature_is_in_the_optimizer_and_checkpoint():
+    teacher = TeacherSpec(model="lenet5", model_kwargs={"width": 2})
+    module = DistillationModule(student="mlp_tiny", teacher=teacher,
+                                heads=[CrossEntropy(0.1), CTKD(0.9)])
+    theta = module.heads[1].theta
+    optim = module.configure_optimizers()
+    assert any(p is theta for group in optim.param_groups for p in group["params"])
+    assert "heads.1.theta" in module.state_dict()
+    # and a step past the curriculum's start gives it a gradient
+    module.heads[1].current_weight(20, 0)
+    batch = {"image": torch.randn(6, 1, 28, 28), "label": torch.arange(6), "index": torch.arange(6)}
+    module.heads[1](module._student_taps(batch["image"]), module.teacher_forward(batch), batch).backward()
+    assert theta.grad is not None and theta.grad.abs() > 0
+
+
+# -- MLKD -------------------------------------------------------------------------------
+def ref_mlkd(z_s, z_t, temps, strong=None, ls=False):
+    weak = [i for i in range(len(z_s)) if strong is None or not strong[i]]
+    zs_w, zt_w = z_s[weak], z_t[weak].double()
+    p1 = softmax_rows(zt_w)
+    conf = [max(row) for row in p1]
+    med = torch.stack(conf).median()  # odd count: the middle value
+    m = sum(1.0 for c in conf if c <= med) / len(conf)
+    cls = [sum(p1[:, c]) for c in range(p1.shape[1])]
+    cls_sorted = sorted(float(v) for v in cls)
+    k = len(cls_sorted)
+    cmed = (cls_sorted[k // 2 - 1] + cls_sorted[k // 2]) / 2 if k % 2 == 0 else cls_sorted[k // 2]
+    c_frac = sum(1.0 for v in cls if v <= cmed) / k
+    total = 0
+    for t in temps:
+        ps, pt = softmax_rows(zs_w, t), softmax_rows(zt_w, t)
+        n, cc = ps.shape
+        bc = sum((sum(pt[i] * pt[j]) - sum(ps[i] * ps[j])) ** 2 for i in range(n) for j in range(n)) / n
+        cl = sum((sum(pt[:, a] * pt[:, b]) - sum(ps[:, a] * ps[:, b])) ** 2
+                 for a in range(cc) for b in range(cc)) / cc
+        total = total + m * ref_kd(zs_w, zt_w, t, ls) + c_frac * cl + m * bc
+    if strong is not None and any(strong):
+        idx = [i for i in range(len(z_s)) if strong[i]]
+        for t in temps:
+            total = total + ref_kd(z_s[idx], z_t[idx].double(), t, ls)
+    return total
+
+
+@pytest.mark.parametrize("ls", [False, True])
+def test_mlkd_matches_the_multi_level_formula(logits, ls):
+    z_s, z_t, _ = logits
+    temps = [4.0, 2.0]
+    _close(_run(MLKD(temperatures=temps, logit_standardization=ls), z_s, z_t),
+           _ref(ref_mlkd, z_s, z_t, temps, None, ls))
+
+
+def test_mlkd_uses_the_strong_view_rows(logits):
+    z_s, z_t, _ = logits
+    z_s2, z_t2 = torch.cat([z_s, z_s.flip(0) * 0.5]), torch.cat([z_t, z_t.flip(1)])
+    strong = torch.tensor([False] * N + [True] * N)
+    got = _run(MLKD(temperatures=[3.0]), z_s2, z_t2, {"strong_view": strong})
+    _close(got, _ref(ref_mlkd, z_s2, z_t2, [3.0], strong.tolist()))
+    only_weak = _run(MLKD(temperatures=[3.0]), z_s, z_t)[0]
+    assert got[0] > only_weak  # the strong rows add their KD terms
+
+
+def test_mlkd_class_absent_from_the_batch(logits):
+    """Every teacher prediction in one class: the other classes are empty in this batch."""
+    z_s, _, _ = logits
+    z_t = torch.tensor([[9.0, -3.0, -3.0, -3.0]] * N) + torch.linspace(0, 1, N)[:, None]
+    got = _run(MLKD(temperatures=[4.0, 1.0]), z_s, z_t)
+    _close(got, _ref(ref_mlkd, z_s, z_t, [4.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: DIST(beta=-1.0), "DIST.beta"),
+        (lambda: DIST(temperature=0.0), "DIST.temperature"),
+        (lambda: WTTM(gamma=0.0), "WTTM.gamma"),
+        (lambda: CTKD(t_range=0.0), "CTKD.t_range"),
+        (lambda: CTKD(lambda_epochs=0), "CTKD.lambda_epochs"),
+        (lambda: MLKD(temperatures=[]), "MLKD.temperatures"),
+    ],
+)
+def test_bad_settings_name_the_field(make, field):
+    with pytest.raises(ConfigError, match=field):
+        make()
