@@ -32,6 +32,7 @@ from benchmarks._common import (
     sgd,
 )
 from kd_lightning.modules import ClassifierModule, DistillationModule
+from kd_lightning.modules.performance import Performance
 from kd_lightning.modules.teacher import TeacherSpec
 
 VIEWS = 2
@@ -64,7 +65,8 @@ def kd_module(pair: dict, cache: bool) -> DistillationModule:
     return DistillationModule(
         student=pair["student"],
         teacher=TeacherSpec(model=pair["teacher"], model_kwargs=pair["teacher_kwargs"]),
-        num_classes=10, input_shape=pair["shape"], optimizer=sgd, teacher_cache=cache,
+        num_classes=10, input_shape=pair["shape"], optimizer=sgd,
+        performance=Performance(teacher_cache="memory" if cache else "off"),
     )
 
 

@@ -27,6 +27,7 @@ import torch
 
 from benchmarks._common import Batches, Clock, SyntheticData, make_batches, quiet_trainer, sgd
 from kd_lightning.modules import ClassifierModule, DistillationModule
+from kd_lightning.modules.performance import Performance
 from kd_lightning.modules.teacher import TeacherSpec
 
 CONFIGS: list[dict[str, Any]] = [
@@ -67,9 +68,11 @@ def build(cfg: dict[str, Any]) -> L.LightningModule:
         return module
     return DistillationModule(
         student="resnet20", teacher=TeacherSpec(model="resnet56"), num_classes=10,
-        input_shape=(3, 32, 32), optimizer=sgd, teacher_cache=cfg.get("cache", False),
-        student_channels_last=cfg["channels_last"], teacher_channels_last=cfg["channels_last"],
-        student_compile=cfg["compile"], teacher_compile=cfg["compile"],
+        input_shape=(3, 32, 32), optimizer=sgd,
+        performance=Performance(
+            teacher_cache="memory" if cfg.get("cache") else "off",
+            channels_last=cfg["channels_last"], compile="both" if cfg["compile"] else "none",
+        ),
     )
 
 

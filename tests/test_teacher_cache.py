@@ -13,6 +13,7 @@ from kd_lightning.data import CIFAR10DataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import CrossEntropy, KLDivergence, LossHead, ModelOutput, TeacherOutput
 from kd_lightning.modules import DistillationModule
+from kd_lightning.modules.performance import Performance
 from kd_lightning.modules.teacher import TeacherSpec
 from kd_lightning.modules.teacher_cache import TeacherCache
 
@@ -110,7 +111,7 @@ def _module(cache: bool) -> DistillationModule:
         heads=[CrossEntropy(0.1), KLDivergence(0.9, temperature=4.0), FeatureMSE(0.5)],
         num_classes=10,
         input_shape=(3, 32, 32),
-        teacher_cache=cache,
+        performance=Performance(teacher_cache="memory" if cache else "off"),
     )
 
 

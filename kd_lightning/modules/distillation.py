@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,9 @@ from kd_lightning.modules.inputs import (
     model_inputs,
 )
 from kd_lightning.modules.metrics import agreement_metric, classifier_metrics
+from kd_lightning.modules.performance import Performance
 from kd_lightning.modules.teacher import TeacherSpec, build_teacher, fingerprint
-from kd_lightning.modules.teacher_cache import TeacherCache, cache_stage, check_cache_data
+from kd_lightning.modules.teacher_cache import cache_stage, check_cache_data
 
 
 class DistillationModule(BaseModule):
@@ -60,22 +61,15 @@ class DistillationModule(BaseModule):
         vocab_sizes: for text, the vocabulary size of each token-id batch key
             (``input_ids``; ``student_input_ids`` when the student tokenizes differently);
             linked from the DataModule. Networks read the batch as ``modules.inputs`` says.
-        check_finite: stop with a clear error when the loss becomes NaN/inf.
         allow_teacher_change: resume a fit even if the teacher rebuilt from ``teacher``
             differs from the one the checkpoint was trained with (default: refuse).
         init_from_teacher: start the student from the (first) teacher's weights:
             ``matching`` copies tensors whose names and shapes match, ``every_kth`` also
             maps a shallower student's blocks to every k-th teacher block (DistilBERT).
             A resumed or loaded checkpoint overwrites this initialisation.
-        teacher_cache: compute each teacher output once per (sample, augmentation view)
-            and reuse it (``kd_lightning.modules.teacher_cache``); needs deterministic data
-            augmentation (``data.augment_views``). ``teacher_cache_device: cpu`` stores it
-            in host memory instead of on the training device.
-        student_channels_last, teacher_channels_last: run that network (weights and input)
-            in channels_last memory format (faster convolutions on tensor-core GPUs).
-        student_compile, teacher_compile: ``torch.compile`` that network in place
-            (``nn.Module.compile``: state-dict keys are unchanged), with ``compile_kwargs``
-            (e.g. ``{mode: max-autotune}``).
+        performance: switches that change speed, not results (``Performance``): the
+            teacher-output cache (memory or disk), channels_last, ``torch.compile``, the
+            non-finite-loss check.
         optimizer, lr_scheduler: see ``BaseModule``; they see only student + adapters.
 
     Logs ``train/loss_step``/``train/loss_epoch`` (``train/loss`` for callbacks),
@@ -98,16 +92,9 @@ class DistillationModule(BaseModule):
         num_classes: int = 10,
         input_shape: tuple[int, ...] = (1, 28, 28),
         vocab_sizes: dict[str, int] | None = None,
-        check_finite: bool = True,
         allow_teacher_change: bool = False,
         init_from_teacher: InitStrategy = "none",
-        teacher_cache: bool = False,
-        teacher_cache_device: Literal["auto", "cpu"] = "auto",
-        student_channels_last: bool = False,
-        teacher_channels_last: bool = False,
-        student_compile: bool = False,
-        teacher_compile: bool = False,
-        compile_kwargs: dict[str, Any] | None = None,
+        performance: Performance | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -117,7 +104,8 @@ class DistillationModule(BaseModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "allow_teacher_change"])
         self.input_shape = check_input_shape(input_shape)
         self.num_classes = num_classes
-        self.check_finite = check_finite
+        self.performance = performance = performance or Performance()
+        self.check_finite = performance.check_finite
         self.allow_teacher_change = allow_teacher_change
 
         self.vocab_sizes = dict(vocab_sizes or {})
@@ -158,10 +146,11 @@ class DistillationModule(BaseModule):
             f"heads.{i}.{name}" for i, h in enumerate(self.heads) for name in h.rank_consistent_buffers
         ]
         # after the dummy forward, so compilation sees real batches only
-        self.teacher_cache = TeacherCache(teacher_cache_device) if teacher_cache else None
-        _speed_up(self.student, student_channels_last, student_compile, compile_kwargs)
+        #: what ``teacher_forward`` asks first: a ``TeacherCache``/``TeacherStore``, or None
+        self.teacher_cache = performance.make_cache(num_classes)
+        performance.apply(self.student, "student")
         for t in self._teachers:
-            _speed_up(t, teacher_channels_last, teacher_compile, compile_kwargs)
+            performance.apply(t, "teacher")
 
         self.train_metrics = classifier_metrics(num_classes, "train/")
         # kd-lightning DataModules report their unlabelled count; others may hold -1 labels
@@ -412,23 +401,6 @@ class DistillationModule(BaseModule):
             "checkpoint was trained with (fingerprints differ)",
             stacklevel=2,
         )
-
-
-def _speed_up(
-    model: nn.Module, channels_last: bool, compile: bool, compile_kwargs: dict[str, Any] | None
-) -> None:
-    if channels_last:  # weights now; inputs by a pre-hook, so every call site is covered
-        model.to(memory_format=torch.channels_last)
-        model.register_forward_pre_hook(_channels_last_input)
-    if compile:
-        model.compile(**(compile_kwargs or {}))
-
-
-def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
-    x = args[0] if args else None
-    if isinstance(x, Tensor) and x.ndim == 4:
-        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
-    return None
 
 
 def _fp32(out: ModelOutput) -> ModelOutput:
