@@ -387,17 +387,30 @@ def test_hf_offline_env_is_respected(monkeypatch):
 
 
 # -- end to end through the CLI -------------------------------------------------------------
-def test_classifier_fits_two_batches_on_text(toy_root, tmp_path):
+def test_classifier_then_kd_on_label_scarce_augmented_text(toy_root, tmp_path):
+    """The whole data path through the CLI: a ClassifierModule teacher fits 2 batches; then
+    KD where the teacher reads input_ids and the student its own student_input_ids, and the
+    teacher labels the hidden and the augmented texts."""
     from kd_lightning.cli import main
 
-    cli = main([
+    data = ["--data=kd_lightning.data.HFTextDataModule", "--data.dataset=toy", f"--data.data_dir={toy_root}",
+            "--data.vocab_size=200", "--data.batch_size=8", "--data.max_length=16"]
+    common = [*DEBUG_TRAINER, *logger_args(tmp_path / "logs")]
+    teacher = main([
         "fit", "--model=kd_lightning.modules.ClassifierModule", "--model.model=bag_of_embeddings",
-        "--model.model_kwargs={embed_dim: 8}", "--data=kd_lightning.data.HFTextDataModule",
-        "--data.dataset=toy", f"--data.data_dir={toy_root}", "--data.vocab_size=200",
-        "--data.batch_size=8", "--data.max_length=16", "--data.labeled_fraction=0.5",
-        "--data.train_on=labeled", *DEBUG_TRAINER, *logger_args(tmp_path / "logs"),
-        f"--checkpoint.dirpath={tmp_path / 'ckpt'}", "--test_after_fit=true",
+        "--model.model_kwargs={embed_dim: 8}", *data, *common, "--test_after_fit=true",
+        f"--checkpoint.dirpath={tmp_path / 't'}", "--checkpoint.filename=best",
     ])
-    assert cli.trainer.global_step == 2
-    assert cli.model.hparams.vocab_sizes == {"input_ids": 200}
-    assert "test/acc" in cli.trainer.callback_metrics
+    assert teacher.trainer.global_step == 2 and "test/acc" in teacher.trainer.callback_metrics
+    assert teacher.model.hparams.vocab_sizes == {"input_ids": 200}  # linked from the data
+    kd = main([
+        "fit", "--model=kd_lightning.modules.DistillationModule", "--model.student=bag_of_embeddings",
+        "--model.student_kwargs={embed_dim: 4}", f"--model.teacher={{checkpoint: {tmp_path / 't' / 'best.ckpt'}}}",
+        *data, "--data.labeled_fraction=0.1", "--data.student_tokenizer=wordpiece",
+        "--data.student_vocab_size=120", "--data.extra_transfer=kd_lightning.data.TextAugmentTransfer",
+        *common, f"--checkpoint.dirpath={tmp_path / 'kd'}", "--test_after_fit=true",
+    ])
+    dm = kd.datamodule
+    assert dm.num_unlabelled == 180 + 400 and kd.trainer.global_step == 2
+    assert kd.model.student.embedding.num_embeddings == 120  # its own vocabulary
+    assert {"test/acc", "test/teacher_acc", "test/agreement"} <= set(kd.trainer.callback_metrics)
