@@ -105,7 +105,8 @@ class TestEveryEpoch(Callback):
         """Top-1 accuracy of the trained network (student or model) on the whole test split.
 
         Global RNG state is forked so that measuring never changes training randomness
-        (a DataLoader iterator draws its base seed from it).
+        (a DataLoader iterator draws its base seed from it). ``trainer.limit_test_batches``
+        applies, as to the test loop (an int: batches; a float: a share of them).
         """
         dm = trainer.datamodule
         if dm is None:
@@ -117,9 +118,16 @@ class TestEveryEpoch(Callback):
         was_training = net.training
         net.eval()
         correct = total = 0
+        loader = dm.test_dataloader()
+        limit = trainer.limit_test_batches
+        n_batches = len(loader) if limit is None else (
+            int(limit) if isinstance(limit, int) else max(1, int(limit * len(loader)))
+        )
         with torch.random.fork_rng(devices=[]), torch.inference_mode(), \
                 trainer.precision_plugin.forward_context():
-            for batch in dm.test_dataloader():
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
                 batch = {k: v.to(pl_module.device, non_blocking=True) if torch.is_tensor(v) else v
                          for k, v in batch.items()}
                 logits = net(*model_inputs(net, batch, role))
