@@ -201,6 +201,21 @@ def test_tokenizer_json_and_hf_directory_load_offline(toy_root, tmp_path):
     assert torch.equal(hf.train_set.encodings["input_ids"][0], ids[0])
 
 
+def test_a_checkpoint_of_another_vocabulary_is_refused(toy_root):
+    dm = toy_dm(toy_root)
+    dm.setup()
+    state = dm.state_dict()
+    assert set(state["tokenizers"]) == {"input_ids"}
+    same = toy_dm(toy_root)
+    same.setup()
+    same.load_state_dict(state)
+    other = toy_dm(toy_root, lowercase=False)
+    other.setup()
+    with pytest.raises(ConfigError, match="another vocabulary") as err:
+        other.load_state_dict(state)
+    assert err.value.field == "data.tokenizer"
+
+
 def test_student_tokenizer_adds_its_own_encoding(toy_root):
     dm = toy_dm(toy_root, student_tokenizer="wordpiece", student_vocab_size=120, lowercase=False)
     assert dm.vocab_sizes == {"input_ids": 200, "student_input_ids": 120}
@@ -411,6 +426,9 @@ def test_classifier_then_kd_on_label_scarce_augmented_text(toy_root, tmp_path):
         *common, f"--checkpoint.dirpath={tmp_path / 'kd'}", "--test_after_fit=true",
     ])
     dm = kd.datamodule
+    # the teacher's checkpoint records the vocabulary its weights read
+    ckpt = torch.load(tmp_path / "t" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["HFTextDataModule"]["tokenizers"]["input_ids"] == dm.tokenizer_digests["input_ids"]
     assert dm.num_unlabelled == 180 + 400 and kd.trainer.global_step == 2
     assert kd.model.student.embedding.num_embeddings == 120  # its own vocabulary
     assert {"test/acc", "test/teacher_acc", "test/agreement"} <= set(kd.trainer.callback_metrics)

@@ -75,6 +75,7 @@ class Encoder:
         pad_id: the id padding positions get (their attention mask is 0).
         mask_token: the mask token's text, for masking augmentation (None if none).
         source: where it came from (a cache file, a path or a hub name).
+        digest: a hash of the token → id map: equal digests, equal ids.
     """
 
     encode: Callable[[list[str]], list[list[int]]]
@@ -82,6 +83,11 @@ class Encoder:
     pad_id: int
     mask_token: str | None
     source: str
+    digest: str
+
+
+def vocab_digest(vocab: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _from_tokenizers(tok: Any, max_length: int, source: str) -> Encoder:
@@ -93,6 +99,7 @@ def _from_tokenizers(tok: Any, max_length: int, source: str) -> Encoder:
     return Encoder(
         lambda texts: [e.ids for e in tok.encode_batch(texts)],
         tok.get_vocab_size(with_added_tokens=True), 0 if pad is None else pad, mask, source,
+        vocab_digest(tok.get_vocab(with_added_tokens=True)),
     )
 
 
@@ -198,7 +205,9 @@ def hf_encoder(name: str, max_length: int, field: str) -> Encoder:
         return tok(texts, truncation=True, max_length=max_length)["input_ids"]
 
     pad = tok.pad_token_id
-    return Encoder(encode, len(tok), 0 if pad is None else int(pad), tok.mask_token, name)
+    return Encoder(
+        encode, len(tok), 0 if pad is None else int(pad), tok.mask_token, name, vocab_digest(tok.get_vocab())
+    )
 
 
 def load_encoder(
@@ -442,6 +451,30 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
                 spec, field, train, vocab, self.lowercase, self.data_dir, self.max_length
             )
         return self._encoders[key]
+
+    @property
+    def tokenizer_digests(self) -> dict[str, str]:
+        """Token-id batch key → digest of its tokenizer's vocabulary, for the tokenizers
+        loaded so far (all of them after ``setup``)."""
+        return {key: enc.digest for key, enc in self._encoders.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints record which vocabularies the weights were trained on: a WordPiece
+        # retrained elsewhere can differ in a few tokens while keeping its size.
+        return {**super().state_dict(), "tokenizers": self.tokenizer_digests}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved, now = state_dict.get("tokenizers") or {}, self.tokenizer_digests
+        for key in saved.keys() & now.keys():
+            if saved[key] != now[key]:
+                field = "data.student_tokenizer" if key.startswith("student_") else "data.tokenizer"
+                raise ConfigError(
+                    field, self.encoder(key).source,
+                    f"the checkpoint was trained on another vocabulary (digest {saved[key]}, "
+                    f"this one {now[key]}); use the run's data_dir or point {field} at its "
+                    "tokenizer JSON (data_dir/tokenizers/)",
+                )
 
     # -- splits ------------------------------------------------------------------------
     @property
