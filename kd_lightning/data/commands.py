@@ -1,0 +1,207 @@
+"""``kd-lightning data …``: dataset conversion and teacher-output storage.
+
+::
+
+    # an ImageFolder tree (or any image DataModule of a config) → LitData chunks
+    kd-lightning data optimize --data_dir data/imagenet --output_dir data/imagenet_litdata
+    kd-lightning data optimize -c configs/data/imagenet.yaml --output_dir s3://bucket/imagenet
+
+    # the teacher's top-k outputs for every (training sample, view), ahead of training
+    kd-lightning data store-teacher -c configs/repro/imagenet/resnet34_resnet18/kd.yaml \\
+        --output runs/teacher_store/resnet34 --k 20 --views 4
+
+``-c`` reads a kd-lightning YAML (the ``data:`` section, and for ``store-teacher`` the
+``model.init_args.teacher``); flags override it. ``store-teacher`` shards the samples by
+the ``RANK``/``WORLD_SIZE`` environment variables (``torchrun --nproc_per_node 8 -m
+kd_lightning data store-teacher …``): each process writes its own rows of one store.
+Bad input ends in one ``ConfigError`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kd_lightning.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kd-lightning data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    opt = sub.add_parser("optimize", help="convert a dataset to LitData's streaming format")
+    opt.add_argument("-c", "--config", help="a kd-lightning YAML with a data: section")
+    opt.add_argument("--data_dir", help="an ImageFolder root (train/, val/); instead of -c")
+    opt.add_argument("--val_dir", default="val", help="the val folder under --data_dir ('none': hold out)")
+    opt.add_argument("--output_dir", required=True, help="local directory or object-store URL")
+    opt.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
+    opt.add_argument("--chunk_bytes", default="64MB")
+    opt.add_argument("--start_method", choices=("fork", "spawn"), default="fork")
+
+    st = sub.add_parser("store-teacher", help="write the teacher's top-k outputs to a TeacherStore")
+    st.add_argument("-c", "--config", required=True, help="a KD fit config (data: and model.teacher)")
+    st.add_argument("--output", required=True, help="the store's directory")
+    st.add_argument("--k", type=int, default=20, help="classes kept per sample")
+    st.add_argument("--value_dtype", choices=("float16", "float32"), default="float16")
+    st.add_argument("--views", type=int, help="override data.augment_views (K >= 1)")
+    st.add_argument("--batch_size", type=int, default=256)
+    st.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    st.add_argument("--stages", default="train,val", help="comma-separated: train, val")
+    st.add_argument("--teacher_weights", help="override model.teacher.weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry of ``kd-lightning data``; a ``ConfigError`` propagates to the console script,
+    which prints it as one line and exits 2 (argparse exits 2 on bad flags itself)."""
+    args = _parser().parse_args(argv)
+    if args.command == "optimize":
+        optimize(args)
+    else:
+        store_teacher(args)
+
+
+# -- config helpers ------------------------------------------------------------------------------
+def load_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", path, "no such file")
+    try:
+        config = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("--config", path, f"not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError("--config", path, "expected a mapping with data:/model: sections")
+    return config
+
+
+def instantiate(spec: Any, field: str, overrides: dict[str, Any] | None = None) -> Any:
+    """A ``{class_path, init_args}`` mapping from a config → the object."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ConfigError(field, spec, "give {class_path: …, init_args: {…}}")
+    module, _, name = str(spec["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{field}.class_path", spec["class_path"], "no such class") from None
+    kwargs = {**(spec.get("init_args") or {}), **(overrides or {})}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{field}.init_args", kwargs, str(err)) from None
+
+
+def _datamodule(config: dict[str, Any], field: str = "data", **overrides: Any) -> Any:
+    if "data" not in config:
+        raise ConfigError("--config", None, "the config has no data: section")
+    return instantiate(config["data"], field, overrides)
+
+
+# -- optimize ------------------------------------------------------------------------------------
+def optimize(args: argparse.Namespace) -> dict[str, Any]:
+    from kd_lightning.data.imagefolder import ImageFolderDataModule
+    from kd_lightning.data.streaming import optimize_datamodule
+
+    if (args.config is None) == (args.data_dir is None):
+        raise ConfigError("--data_dir", args.data_dir, "give either -c <config with data:> or --data_dir")
+    if args.num_workers < 1:
+        raise ConfigError("--num_workers", args.num_workers, "use 1 or more worker processes")
+    if args.data_dir is not None:
+        val_dir = None if args.val_dir.lower() == "none" else args.val_dir
+        dm = ImageFolderDataModule(args.data_dir, val_dir=val_dir, num_workers=0)
+    else:
+        dm = _datamodule(load_config(args.config))
+    start = time.perf_counter()
+    meta = optimize_datamodule(dm, args.output_dir, args.num_workers, args.chunk_bytes, args.start_method)
+    skipped = sum(meta["skipped"].values())
+    print(
+        f"kd-lightning data optimize: wrote {meta['splits']} samples ({meta['num_classes']} classes) to "
+        f"{args.output_dir} in {time.perf_counter() - start:.1f} s; skipped {skipped} unreadable images"
+    )
+    return meta
+
+
+# -- store-teacher -------------------------------------------------------------------------------
+def store_teacher(args: argparse.Namespace) -> Any:
+    from kd_lightning.modules.teacher import TeacherSpec, build_teacher, fingerprint
+    from kd_lightning.modules.teacher_store import TeacherStore
+
+    config = load_config(args.config)
+    overrides = {"augment_views": args.views} if args.views is not None else {}
+    dm = _datamodule(config, **overrides, num_workers=0)
+    teacher_cfg = ((config.get("model") or {}).get("init_args") or {}).get("teacher")
+    specs = teacher_cfg if isinstance(teacher_cfg, list) else [teacher_cfg]
+    if not all(isinstance(s, dict) for s in specs):
+        raise ConfigError("model.init_args.teacher", teacher_cfg, "the config names no teacher")
+    if args.teacher_weights is not None:
+        specs = [{**s, "weights": args.teacher_weights} for s in specs]
+    device = torch.device(args.device)
+    teachers = [
+        build_teacher(TeacherSpec(**s), dm.num_classes, dm.input_shape[0], "model.teacher").to(device)
+        for s in specs
+    ]
+    store = TeacherStore(args.output, args.k, args.value_dtype)
+    store.bind(dm, dm.num_classes, [fingerprint(t) for t in teachers])
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    for stage in stages:
+        if stage not in store.tables:
+            raise ConfigError("--stages", args.stages, f"use train and/or val (the store has {sorted(store.tables)})")
+    start, written = time.perf_counter(), 0
+    for stage in stages:
+        ds = getattr(dm, f"{stage}_set")
+        for view in range(store.tables[stage].filled.shape[1]):
+            for batch in _view_batches(dm, ds, view, args.batch_size, rank, world):
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = dm.on_after_batch_transfer(batch, 0)
+                with torch.inference_mode():
+                    outputs = [_logits_only(t, batch["image"]) for t in teachers]
+                store.write(stage, batch["index"], batch["view"], outputs)
+                written += len(batch["index"])
+    store.flush()
+    print(
+        f"kd-lightning data store-teacher: rank {rank}/{world} wrote {written} (sample, view) entries "
+        f"to {args.output} ({store.nbytes_per_entry()} bytes each) in {time.perf_counter() - start:.1f} s"
+    )
+    return store
+
+
+def _logits_only(model: torch.nn.Module, images: torch.Tensor) -> Any:
+    from kd_lightning.losses.outputs import ModelOutput
+
+    return ModelOutput(model(images).float(), {})
+
+
+def _view_batches(dm: Any, ds: Any, view: int, batch_size: int, rank: int, world: int) -> Any:
+    """Batches of one view of every sample of ``ds`` that this rank writes."""
+    from torch.utils.data import DataLoader
+
+    from kd_lightning.data.imagefolder import collate_images
+
+    positions = list(range(len(ds)))[rank::world]
+    if hasattr(ds, "samples"):  # map-style file list: (position, view) keys, as the sampler asks
+        keys = [(p, view) for p in positions]
+        yield from DataLoader(_Keyed(ds, keys), batch_size=batch_size, collate_fn=collate_images)
+        return
+    ds.current_epoch = view + 1  # a LitData stream: its view is (epoch - 1) % K
+    for start in range(0, len(positions), batch_size):
+        yield collate_images([ds[p] for p in positions[start : start + batch_size]])
+
+
+class _Keyed(torch.utils.data.Dataset):
+    def __init__(self, ds: Any, keys: list[Any]) -> None:
+        self.ds, self.keys = ds, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.ds[self.keys[i]]
