@@ -21,12 +21,18 @@ from tests.conftest import CONFIGS, DEBUG_TRAINER, logger_args
 
 KD = CONFIGS / "kd"
 #: the head configs of configs/kd/ (other configs there are whole runs, tested elsewhere)
-MNIST_HEADS = ["kd", "ce", "mse", "pseudo_label", "dkd", "fitnet", "at", "nst", "sp", "rkd", "pkt", "crd"]
+MNIST_HEADS = ["kd", "ce", "mse", "pseudo_label", "dkd", "fitnet", "at", "nst", "sp", "rkd", "pkt", "crd",
+               # issue #14: the modern method set
+               "kd_ls", "dkd_ls", "dist", "ctkd", "mlkd", "mlkd_ls", "wttm", "kd_dot",
+               "reviewkd", "ofd", "vid", "kdsvd", "ab", "ft", "fsp", "cc"]
 CIFAR_HEADS = sorted(p.stem for p in (KD / "cifar").glob("*.yaml"))
 #: on top of DEBUG_TRAINER: one small validation batch is enough to see val metrics
 FAST = ["--trainer.limit_val_batches=1"]
 #: checkpoint keys that prove a head's adapters/buffers are saved with the student
-ADAPTER_KEYS = {"fitnet": "connectors", "crd": "memory_s"}
+ADAPTER_KEYS = {
+    "fitnet": "connectors", "crd": "memory_s", "ctkd": "theta", "reviewkd": "abfs",
+    "ofd": "neg_sum", "vid": "log_scale", "ab": "connectors", "ft": "paraphraser", "cc": "embed_t",
+}
 
 
 _load_bundled_once = cache(mnist.load_bundled_mnist)

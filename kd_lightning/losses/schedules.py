@@ -38,3 +38,21 @@ class StepWarmup(Schedule):
 
     def __call__(self, epoch: int, step: int) -> float:
         return min((step + 1) / self.steps, 1.0)
+
+
+class EpochWindow(Schedule):
+    """1 for epochs in ``[start, stop)``, else 0 (0-based epochs).
+
+    For RepDistiller's two-stage methods: AB and FSP train the student on their loss alone
+    for the first 30 epochs (``stop: 30`` on the head, ``start: 30`` on CrossEntropy), then
+    on cross-entropy alone."""
+
+    def __init__(self, start: int = 0, stop: int | None = None) -> None:
+        if start < 0:
+            raise ConfigError("EpochWindow.start", start, "use a first epoch >= 0")
+        if stop is not None and stop <= start:
+            raise ConfigError("EpochWindow.stop", stop, f"use a stop epoch > start ({start}), or none")
+        self.start, self.stop = start, stop
+
+    def __call__(self, epoch: int, step: int) -> float:
+        return float(epoch >= self.start and (self.stop is None or epoch < self.stop))
