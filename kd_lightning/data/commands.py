@@ -57,14 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> Any:
     """Entry of ``kd-lightning data``; a ``ConfigError`` propagates to the console script,
-    which prints it as one line and exits 2 (argparse exits 2 on bad flags itself)."""
+    which prints it as one line and exits 2 (argparse exits 2 on bad flags itself). Returns
+    the written dataset's description (optimize) or the TeacherStore (store-teacher)."""
     args = _parser().parse_args(argv)
-    if args.command == "optimize":
-        optimize(args)
-    else:
-        store_teacher(args)
+    return optimize(args) if args.command == "optimize" else store_teacher(args)
 
 
 # -- config helpers ------------------------------------------------------------------------------
