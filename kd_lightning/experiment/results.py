@@ -1,12 +1,16 @@
 """From per-run records to the results table: mean ± std over seeds, gain over scratch.
 
-Two accuracies are always reported side by side, because papers disagree on which one to
-quote (RepDistiller #16, mdistiller #30):
+Three accuracies are reported side by side, each labelled, because papers disagree on
+which one to quote (RepDistiller #16, mdistiller #30):
 
-* **best-val**: the test accuracy of the checkpoint whose *validation* accuracy was best;
-* **last**: the test accuracy of the final epoch's weights.
+* **best-val**: the test accuracy of the checkpoint whose *validation* accuracy was best
+  (absent for runs without a validation split, ``val_fraction: 0``);
+* **last**: the test accuracy of the final epoch's weights (what RepDistiller publishes);
+* **best on test**: the best test accuracy over epochs (what mdistiller and KD-Zoo publish;
+  optimistic, since test data picks the epoch), from runs with ``TestEveryEpoch``.
 
-Neither ever looks at test accuracy to pick an epoch. Standard deviations are sample
+The first two never look at test accuracy to pick an epoch. A ``published`` number per row
+(the experiment's ``published``) is shown beside ours. Standard deviations are sample
 standard deviations (ddof=1) over seeds; with a single run they are left empty.
 """
 
@@ -22,7 +26,7 @@ from typing import Any
 
 #: per-run metrics that are averaged over seeds (fractions in [0, 1], except KL in nats)
 METRICS = (
-    "test_acc_best", "test_acc_last",
+    "test_acc_best", "test_acc_last", "test_acc_best_on_test",
     "agreement_best", "agreement_last",
     "test_ece_best", "test_ece_last",
     "test_acc_top5_best", "test_acc_top5_last",
@@ -33,7 +37,7 @@ METRICS = (
 CSV_COLUMNS = (
     "name", "kind", "n_seeds", "params",
     *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
-    "gain_best", "gain_last",
+    "gain_best", "gain_last", "published",
 )
 
 
@@ -45,8 +49,10 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-def aggregate(records: list[dict[str, Any]], order: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """One row per stage (``order`` = [(kind, name), …]) from the per-run records."""
+def aggregate(records: list[dict[str, Any]], order: Sequence[tuple[str, str]],
+              published: dict[str, float | None] | None = None) -> list[dict[str, Any]]:
+    """One row per stage (``order`` = [(kind, name), …]) from the per-run records;
+    ``published``: stage name → the published top-1 (%) the row reproduces."""
     rows = []
     for kind, name in order:
         runs = sorted((r for r in records if r["stage"] == name), key=lambda r: r["seed"])
@@ -55,10 +61,12 @@ def aggregate(records: list[dict[str, Any]], order: Sequence[tuple[str, str]]) -
         row: dict[str, Any] = {
             "name": name, "kind": kind, "n_seeds": len(runs),
             "seeds": [r["seed"] for r in runs], "params": runs[0].get("params"),
+            "published": (published or {}).get(name),
         }
         for m in METRICS:
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([r.get(m) for r in runs])
-        row["per_seed"] = {m: [r.get(m) for r in runs] for m in ("test_acc_best", "test_acc_last")}
+        row["per_seed"] = {m: [r.get(m) for r in runs]
+                           for m in ("test_acc_best", "test_acc_last", "test_acc_best_on_test")}
         rows.append(row)
     scratch = next((r for r in rows if r["kind"] == "scratch"), None)
     for row in rows:
@@ -111,8 +119,9 @@ def _params(n: int | None) -> str:
 
 TABLE_HEADER = (
     "row", "kind", "test acc, best-val ckpt (%)", "test acc, last epoch (%)",
-    "Δ scratch best (pp)", "Δ scratch last (pp)", "agreement w/ teacher (%)", "ECE (%)",
-    "params", "seeds",
+    "Δ scratch best (pp)", "Δ scratch last (pp)",
+    "test acc, best epoch on test (%; as mdistiller/KD-Zoo report it; optimistic)",
+    "published (%)", "agreement w/ teacher (%)", "ECE (%)", "params", "seeds",
 )
 
 
@@ -123,6 +132,8 @@ def table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
             _pct(r["test_acc_best_mean"], r["test_acc_best_std"]),
             _pct(r["test_acc_last_mean"], r["test_acc_last_std"]),
             _gain(r["gain_best"]), _gain(r["gain_last"]),
+            _pct(r.get("test_acc_best_on_test_mean"), r.get("test_acc_best_on_test_std")),
+            "—" if r.get("published") is None else f"{r['published']:.2f}",
             _pct(r["agreement_best_mean"], r["agreement_best_std"]) if r["kind"] != "teacher" else "—",
             _pct(r["test_ece_best_mean"], r["test_ece_best_std"]),
             _params(r["params"]), str(r["n_seeds"]),
@@ -140,32 +151,41 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
     lines += ["| " + " | ".join(c) + " |" for c in table_cells(rows)]
     lines += [
         "",
-        "- **best-val ckpt**: test accuracy of the epoch with the best *validation* accuracy; "
-        "**last epoch**: test accuracy after the final epoch. Test data never picks an epoch.",
+        "- **best-val ckpt**: test accuracy of the epoch with the best *validation* accuracy "
+        "(— without a validation split); **last epoch**: test accuracy after the final epoch "
+        "(as RepDistiller reports it). Neither lets test data pick an epoch.",
+        "- **best epoch on test**: the best test accuracy over all epochs, as mdistiller/KD-Zoo "
+        "report it; optimistic (test data picks the epoch).",
         "- mean ± sample std (ddof=1) over seeds; Δ = KD mean − scratch mean, in percentage points.",
         "- agreement = share of test images where the student's top-1 equals the teacher's; "
-        "ECE = 15-bin expected calibration error; both for the best-val checkpoint.",
+        "ECE = 15-bin expected calibration error; both for the best-val checkpoint (the last "
+        "epoch's weights without a validation split).",
     ]
+    if meta.get("published_source"):
+        lines.append(f"- **published**: {meta['published_source']}")
     if meta.get("seeds") is not None:
         lines.append(f"- student seeds: {meta['seeds']}; the teacher is one run.")
     students = [r for r in rows if r["kind"] != "teacher"]
     if students and max(r["n_seeds"] for r in students) > 1:
-        lines += ["", "Per-seed test accuracy (%), best-val / last:", ""]
+        keys = ["test_acc_best", "test_acc_last"]
+        if any(v is not None for r in students for v in r["per_seed"].get("test_acc_best_on_test", [])):
+            keys.append("test_acc_best_on_test")
+        names = {"test_acc_best": "best-val", "test_acc_last": "last",
+                 "test_acc_best_on_test": "best on test"}
+        lines += ["", f"Per-seed test accuracy (%), {' / '.join(names[k] for k in keys)}:", ""]
         seeds = sorted({s for r in students for s in r["seeds"]})
         lines += ["| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
                   "|---|" + "---|" * len(seeds)]
         for r in students:
-            by_seed = dict(zip(r["seeds"], zip(r["per_seed"]["test_acc_best"],
-                                               r["per_seed"]["test_acc_last"])))
+            by_seed = {s: [r["per_seed"].get(k, [None] * len(r["seeds"]))[i] for k in keys]
+                       for i, s in enumerate(r["seeds"])}
             cells = []
             for s in seeds:
-                best, last = by_seed.get(s, (None, None))
-                if best is None:
-                    cells.append("—")
-                elif last is None:
-                    cells.append(f"{100 * best:.2f}")
-                else:
-                    cells.append(f"{100 * best:.2f} / {100 * last:.2f}")
+                values = by_seed.get(s, [None] * len(keys))
+                while len(values) > 1 and values[-1] is None:  # e.g. a reused teacher's "last"
+                    values = values[:-1]
+                cells.append("—" if all(v is None for v in values) else
+                             " / ".join("—" if v is None else f"{100 * v:.2f}" for v in values))
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

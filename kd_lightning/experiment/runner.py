@@ -7,7 +7,11 @@ Runs, in this order and in this process, each as an ordinary ``kd-lightning fit`
 3. every KD stage, once per seed, distilling from the teacher's best-val checkpoint.
 
 Every fitted run is then tested twice — with its best-val checkpoint and with its final
-weights (``checkpoints/final.ckpt``) — and its test-set predictions are saved, so agreement with the teacher and the
+weights (``checkpoints/final.ckpt``); a run without a validation split (``val_fraction: 0``,
+the published CIFAR protocol) has no best-val number and distils from / is tested with its
+final weights. A run with the ``TestEveryEpoch`` callback (the reproduction configs) also
+records its best epoch on test, the number mdistiller and KD-Zoo publish. Test-set
+predictions are saved, so agreement with the teacher and the
 reliability diagrams come from the same numbers. A finished run leaves ``done.json``; a
 rerun skips it unless its arguments or config files changed, so a crashed experiment resumes.
 
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 import yaml
 
+from kd_lightning.callbacks.test_every_epoch import TestEveryEpoch
 from kd_lightning.errors import ConfigError
 from kd_lightning.experiment.progress import ProgressCallback
 from kd_lightning.experiment.results import aggregate, text_table, write_results
@@ -91,9 +96,10 @@ class Experiment:
                 for seed in spec.seeds:
                     records.append(self._student(kind, stage, seed, records[0], teacher_dir))
         order = [(kind, stage.name) for kind, stage in spec.stages()]
-        rows = aggregate(records, order)
+        rows = aggregate(records, order, spec.published)
         meta = {
             "name": spec.name, "seeds": spec.seeds, "output_dir": str(self.out),
+            "published_source": spec.published_source,
             "teacher_checkpoint": records[0]["best_ckpt"],
             "wall_seconds_this_invocation": round(time.perf_counter() - t0, 1),
             "run_seconds_total": round(sum(r.get("seconds") or 0 for r in records), 1),
@@ -304,10 +310,11 @@ class Experiment:
         del cli
         gc.collect()
         done.write_text(json.dumps(record, indent=2) + "\n")
-        last = record["test_acc_last"]
-        print(f"{tag}: test acc {record['test_acc_best']:.4f} (best-val ckpt, epoch "
-              f"{record['best_epoch']})" + ("" if last is None else f", {last:.4f} (last epoch)")
-              + f"  [{record['seconds']:.1f} s]", flush=True)
+        parts = [f"{record[key]:.4f} ({label})" for key, label in (
+            ("test_acc_best", f"best-val ckpt, epoch {record['best_epoch']}"),
+            ("test_acc_last", "last epoch"), ("test_acc_best_on_test", "best epoch on test"),
+        ) if record.get(key) is not None]
+        print(f"{tag}: test acc {', '.join(parts) or '—'}  [{record['seconds']:.1f} s]", flush=True)
         return record
 
 
@@ -322,7 +329,13 @@ def _fit_then_test(cli: Any, run_dir: Path) -> dict[str, Any]:
     last = str(run_dir / "checkpoints" / "final.ckpt")
     trainer.save_checkpoint(last, weights_only=False)
     best = ckpt.best_model_path or last  # no validation at all: the last epoch is all there is
-    record: dict[str, Any] = {"best_ckpt": best, "last_ckpt": last, "epochs": trainer.current_epoch}
+    has_val = bool(ckpt.monitor) and bool(ckpt.best_model_path)
+    record: dict[str, Any] = {"best_ckpt": best, "last_ckpt": last, "epochs": trainer.current_epoch,
+                              "has_val": has_val}
+    every_epoch = next((c for c in trainer.callbacks if isinstance(c, TestEveryEpoch)), None)
+    on_test = every_epoch.summary()["best_on_test"] if every_epoch and every_epoch.history else {}
+    record["test_acc_best_on_test"] = on_test.get("value")
+    record["best_on_test_epoch"] = on_test.get("epoch")
     preds: dict[str, torch.Tensor] = {}
     for which, path in (("last", last), ("best", best)):  # best last: the model ends on it
         out = trainer.test(model, datamodule=dm, ckpt_path=path, weights_only=False, verbose=False)
@@ -330,9 +343,12 @@ def _fit_then_test(cli: Any, run_dir: Path) -> dict[str, Any]:
         preds[f"probs_{which}"], preds["labels"] = _predict(model, dm)
     # checkpoints store the 0-based epoch they were saved in; report epochs 1-based like the logs
     record["best_epoch"] = int(_load_ckpt(Path(best), "checkpoint")["epoch"]) + 1
+    if not has_val:  # the "best" weights are the last epoch's: no best-val number exists
+        record["test_acc_best"] = record["best_epoch"] = None
     record["params"] = _param_count(model)
     log_summary(trainer.loggers, {f"final/test_acc_{w}": record[f"test_acc_{w}"]
-                                  for w in ("best", "last")}, trainer.global_step)
+                                  for w in ("best", "last", "best_on_test")
+                                  if record[f"test_acc_{w}"] is not None}, trainer.global_step)
     torch.save(preds, run_dir / "test_predictions.pt")
     return record
 
@@ -419,7 +435,7 @@ def _finished(run_dir: Path, key: str) -> dict[str, Any] | None:
 
 
 #: bumped when what a run records changes, so records of older runners count as stale
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 
 
 def _run_key(args: list[str], extra: str) -> str:

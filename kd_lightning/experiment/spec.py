@@ -69,6 +69,10 @@ class ExperimentSpec:
     online: bool = False
     args: list[str] = field(default_factory=list)
     plots: bool = True
+    #: stage name → the published top-1 accuracy (%) it reproduces, shown beside ours
+    published: dict[str, float | None] = field(default_factory=dict)
+    #: where ``published`` comes from and which number it is (last / best epoch …)
+    published_source: str | None = None
     #: the experiment file's folder: relative config paths are also looked up from here
     #: and its parents (set by ``parse_spec``, not by the user)
     source_dir: str | None = None
@@ -86,10 +90,11 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="kd-lightning experiment",
         description="Train a teacher, a scratch student and KD students over seeds; write a "
-        "results table (best-val and last epoch, mean ± std) and plots.",
+        "results table (best-val, last and best-on-test epoch, mean ± std, beside the published "
+        "numbers) and plots.",
         default_env=False,
     )
-    p.add_argument("--config", action=ActionConfigFile, help="the experiment YAML file")
+    p.add_argument("-c", "--config", action=ActionConfigFile, help="the experiment YAML file")
     p.add_argument("--name", type=str, required=True, help="experiment name (W&B group)")
     p.add_argument("--teacher", type=TeacherStage, default=TeacherStage())
     p.add_argument("--scratch", type=Stage, required=True)
@@ -109,6 +114,10 @@ def build_parser() -> ArgumentParser:
                    help="raw kd-lightning flags appended last to every run, "
                    "e.g. '[--trainer.max_epochs=1]'")
     p.add_argument("--plots", type=bool, default=True, help="write PNG plots next to the results")
+    p.add_argument("--published", type=dict[str, float | None], default={},
+                   help="stage name → published top-1 (%%) it reproduces, shown beside ours")
+    p.add_argument("--published_source", type=str | None, default=None,
+                   help="where the published numbers come from and which epoch they report")
     return p
 
 
@@ -130,6 +139,8 @@ def parse_spec(argv: list[str]) -> ExperimentSpec:
         online=cfg["online"],
         args=list(cfg["args"]),
         plots=cfg["plots"],
+        published=dict(cfg["published"] or {}),
+        published_source=cfg["published_source"],
         source_dir=str(source) if source else None,
     )
     check_spec(spec)
@@ -166,6 +177,9 @@ def check_spec(spec: ExperimentSpec) -> None:
             resolve_path(spec, path, f"{field_name}.configs[{i}]")
     if spec.logger is not None:
         resolve_path(spec, spec.logger, "logger")
+    unknown = sorted(set(spec.published) - set(names))
+    if unknown:
+        raise ConfigError("published", unknown, f"name stages of this experiment: {names}")
     for a in spec.args:
         if not a.startswith("--"):
             raise ConfigError("args", a, "each entry is one flag such as --trainer.max_epochs=1")
