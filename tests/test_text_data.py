@@ -394,6 +394,29 @@ def test_offline_without_cache_fails_fast_naming_the_field(toy_root, monkeypatch
     assert err.value.field == "data.download"
 
 
+def test_download_saves_the_hub_copy_for_offline_runs(tmp_path, monkeypatch):
+    import datasets
+
+    hub = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict(toy_split(40, i)) for i, name in enumerate(["train", "validation", "test"])
+    })
+    calls = []
+
+    def load_dataset(name, subset, cache_dir):  # the hub, as datasets would return it
+        calls.append((name, subset, cache_dir))
+        return hub
+
+    monkeypatch.setattr(text_module, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    dm = toy_dm(tmp_path, dataset="org/toy", subset="sst", download=True)
+    dm.prepare_data()
+    assert calls == [("org/toy", "sst", str(tmp_path))]
+    assert (tmp_path / "org" / "toy" / "sst" / "dataset_dict.json").is_file()
+    offline = toy_dm(tmp_path, dataset="org/toy", subset="sst")  # download: false reads the copy
+    offline.setup()
+    assert len(offline.train_set) == 40 and calls == [("org/toy", "sst", str(tmp_path))]
+
+
 def test_hf_offline_env_is_respected(monkeypatch):
     from huggingface_hub import constants
 
