@@ -1,0 +1,111 @@
+"""Which speed settings should be defaults: channels_last (student/teacher) and compile, measured.
+
+resnet56 → resnet20 KD (CIFAR shapes, 0.1·CE + 0.9·KL at T = 4, SGD) at batch 64, the full
+training step of ``DistillationModule`` (teacher forward, student forward, loss, backward,
+optimizer step) built with each setting. Rounds are interleaved — every round times every
+setting on the same batches, in turn — so machine load drifts affect all settings alike;
+the result per setting is the median s/step over rounds, and each setting's ratio to the
+default is the median of its per-round ratios. "Same results" is checked too: the loss of
+every step must match the default's to float tolerance (channels_last changes only the
+memory layout, not the math).
+
+    python -m benchmarks.speed_defaults --out docs/results/speed_defaults_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.teacher_store import machine
+from kd_lightning.losses import CrossEntropy, KLDivergence
+from kd_lightning.losses.outputs import ModelOutput
+from kd_lightning.modules import DistillationModule
+from kd_lightning.modules.teacher import TeacherSpec
+
+SETTINGS: dict[str, dict[str, bool]] = {
+    "default": {},
+    "student_channels_last": {"student_channels_last": True},
+    "teacher_channels_last": {"teacher_channels_last": True},
+    "both_channels_last": {"student_channels_last": True, "teacher_channels_last": True},
+    "both_channels_last+compile": {"student_channels_last": True, "teacher_channels_last": True,
+                                   "student_compile": True, "teacher_compile": True},
+}
+
+
+def build(setting: dict[str, bool]) -> tuple[DistillationModule, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    module = DistillationModule(
+        student="resnet20", teacher=TeacherSpec(model="resnet56"), num_classes=100, input_shape=(3, 32, 32),
+        heads=[CrossEntropy(0.1), KLDivergence(0.9, temperature=4.0)], **setting,
+    )
+    module.train()
+    return module, torch.optim.SGD(module.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def step(module: DistillationModule, opt: torch.optim.Optimizer, batch: dict) -> float:
+    teacher = module.teacher_forward(batch)  # the live teacher (no trainer: no cache)
+    student = ModelOutput(module.student(batch["image"]), {})
+    loss, _ = module.compute_loss(student, teacher, batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per setting per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {"image": torch.randn(args.batch, 3, 32, 32, generator=g),
+         "label": torch.randint(0, 100, (args.batch,), generator=g),
+         "index": torch.arange(args.batch), "view": torch.zeros(args.batch, dtype=torch.long)}
+        for _ in range(args.steps)
+    ]
+    models = {name: build(SETTINGS[name]) for name in args.settings}
+    for module, opt in models.values():  # warm-up (and compilation) outside the timing
+        step(module, opt, batches[0])
+    times: dict[str, list[float]] = {n: [] for n in models}
+    losses: dict[str, list[float]] = {n: [] for n in models}
+    for r in range(args.rounds):
+        order = list(models) if r % 2 == 0 else list(reversed(models))  # no fixed position
+        for name in order:
+            module, opt = models[name]
+            t0 = time.perf_counter()
+            losses[name] += [step(module, opt, b) for b in batches]
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    base = "default" if "default" in times else next(iter(times))
+    result = {"machine": machine(), "threads": torch.get_num_threads(), "batch": args.batch,
+              "steps_per_round": args.steps, "rounds": args.rounds, "settings": {}}
+    for name, t in times.items():
+        ratios = [b / x for b, x in zip(times[base], t)]
+        diff = max(abs(a - b) for a, b in zip(losses[name], losses[base]))
+        result["settings"][name] = {
+            "s_per_step_median": round(statistics.median(t), 4),
+            "s_per_step_rounds": [round(x, 4) for x in t],
+            "speedup_vs_default_median": round(statistics.median(ratios), 3),
+            "max_abs_loss_diff_vs_default": diff,
+        }
+        print(name, result["settings"][name], flush=True)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
