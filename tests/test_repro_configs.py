@@ -214,3 +214,16 @@ def test_pair_runs_every_config_on_all_training_images(pair: str, request, tmp_p
     weights = cli.model._teachers[0].state_dict()
     for key, value in weights.items():
         assert torch.equal(value, saved[f"model.{key}"]), key
+
+
+def test_every_pair_has_an_experiment_spec_that_parses():
+    from kd_lightning.experiment.spec import parse_spec
+
+    for pair, info in TABLE["pairs"].items():
+        spec = parse_spec(["-c", str(CONFIGS / "experiments" / "repro" / f"{pair}.yaml")])
+        runs = list(TABLE["runs"][info["runs"]])
+        assert sorted(s.name for _, s in spec.stages()) == sorted(runs) and spec.seeds == [0, 1, 2]
+        for _, stage in spec.stages():
+            assert stage.configs == [f"configs/repro/{pair}/{stage.name}.yaml"]
+            assert spec.published == {run: info["published"].get(run) for run in runs}
+        assert spec.published_source
