@@ -26,6 +26,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from kd_lightning.lightning_compat import set_received_sigterm
+
 log = logging.getLogger(__name__)
 
 
@@ -92,7 +94,7 @@ class PreemptionCheckpoint(Callback):
             return  # signal handlers can only be installed from the main thread
         if trainer.received_sigterm:  # arrived just before validation started
             self._deferred = signal.SIGTERM
-            trainer._signal_connector.received_sigterm = False
+            set_received_sigterm(trainer, False)
         self._lightning_handler = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._record)
 
@@ -112,7 +114,7 @@ class PreemptionCheckpoint(Callback):
         signum, self._deferred = self._deferred, None
         if callable(handler) and not trainer.received_sigterm:
             handler(signum, None)  # Lightning's: sets received_sigterm, so it stops next
-        trainer._signal_connector.received_sigterm = True
+        set_received_sigterm(trainer, True)
         # ModelCheckpoint saves here too: a supported resume point, validation whole
         self._save(trainer, "after validation")
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from kd_lightning.trainer_state import epoch_is_over
+from kd_lightning.lightning_compat import batches_done_in_epoch, batches_done_in_fit, epoch_is_over
 
 _M64 = (1 << 64) - 1
 
@@ -135,7 +135,7 @@ class ResumableTrainOrder:
         trainer = getattr(self, "trainer", None)
         if trainer is None or not trainer.training or trainer.sanity_checking:
             return
-        batch = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        batch = batches_done_in_fit(trainer)
         seed = step_seed(training_seed(), trainer.global_rank, batch)
         # Only the generators this rank draws from: torch.manual_seed also seeds every other
         # backend, and each one not initialised records a stack trace (1-2 ms per step).
@@ -150,14 +150,13 @@ class ResumableTrainOrder:
         sampler, trainer = self._train_order, getattr(self, "trainer", None)
         if sampler is None or trainer is None:
             return state
-        progress = trainer.fit_loop.epoch_loop.batch_progress
         done = epoch_is_over(trainer)
         state["train_order"] = {
             "seed": sampler.seed,
             "num_samples": sampler.num_samples,
             # an epoch that is over resumes at the start of the next one
             "epoch": sampler.epoch + 1 if done else sampler.epoch,
-            "consumed": 0 if done else progress.current.ready * int(self.batch_size),
+            "consumed": 0 if done else batches_done_in_epoch(trainer) * int(self.batch_size),
         }
         return state
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.trainer_state import epoch_is_over
+from kd_lightning.lightning_compat import epoch_is_over
 
 
 class BaseModule(L.LightningModule):
