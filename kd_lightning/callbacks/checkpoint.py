@@ -15,6 +15,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.lightning_compat import save_last_checkpoint
 from kd_lightning.preflight import ensure_writable
 
 
@@ -105,7 +106,7 @@ class KDModelCheckpoint(ModelCheckpoint):
             and not self._should_skip_saving_checkpoint(trainer)
         ):
             previous = self._last_global_step_saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_last_checkpoint(self, trainer)
             self._last_global_step_saved = previous  # the deferred top-k save still happens
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -122,7 +123,7 @@ class KDModelCheckpoint(ModelCheckpoint):
         # Lightning 2.6 rewrites last.ckpt only when a top-k checkpoint was saved at the same
         # step, so after the best epoch `last` would lag behind; resume needs the latest one.
         if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_last_checkpoint(self, trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # here, not in setup: only after the restore does trainer.ckpt_path tell a resumed
