@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import model_from_config
 
@@ -40,20 +40,11 @@ class TeacherSpec:
     weight: float = 1.0
 
 
-def _load_file(path: str, field_name: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            field_name, path, "no such file: train the teacher first (kd-lightning fit with a "
-            "ClassifierModule config) or fix the path"
-        )
-    try:
-        return torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, random bytes, pickle errors
-        raise ConfigError(
-            field_name, path, f"the file is corrupt or truncated ({type(err).__name__}: {err}); "
-            "re-train or re-copy the teacher checkpoint"
-        ) from None
+def _load_file(path: str, field_name: str) -> Any:
+    return read_checkpoint(
+        path, field_name,
+        "train the teacher first (kd-lightning fit with a ClassifierModule config) or fix the path",
+    )
 
 
 def build_teacher(
