@@ -37,7 +37,9 @@ def toy_split(n: int, seed: int, extra_word: str | None = None) -> dict[str, lis
     texts, labels = [], []
     for i in range(n):
         label = i % 2
-        ws = rng.choices(FILLER, k=rng.randint(2, 9)) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
+        ws = rng.choices(FILLER, k=rng.randint(2, 9)) + rng.choices(
+            POSITIVE if label else NEGATIVE, k=2
+        )
         rng.shuffle(ws)
         if extra_word:
             ws.append(extra_word)
@@ -50,15 +52,25 @@ def write_toy_dataset(root: Path, layout: str = "save_to_disk", text_column: str
     """A DatasetDict (train 200 / validation 40 / test 40) under ``root/toy``."""
     import datasets
 
-    features = datasets.Features({
-        text_column: datasets.Value("string"),
-        "label": datasets.ClassLabel(names=["neg", "pos"]),
-    })
-    splits = {"train": toy_split(200, 0), "validation": toy_split(40, 1), "test": toy_split(40, 2, TEST_ONLY)}
-    dd = datasets.DatasetDict({
-        name: datasets.Dataset.from_dict({text_column: s["text"], "label": s["label"]}, features=features)
-        for name, s in splits.items()
-    })
+    features = datasets.Features(
+        {
+            text_column: datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["neg", "pos"]),
+        }
+    )
+    splits = {
+        "train": toy_split(200, 0),
+        "validation": toy_split(40, 1),
+        "test": toy_split(40, 2, TEST_ONLY),
+    }
+    dd = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(
+                {text_column: s["text"], "label": s["label"]}, features=features
+            )
+            for name, s in splits.items()
+        }
+    )
     path = root / "toy"
     if layout == "save_to_disk":
         dd.save_to_disk(str(path))
@@ -75,7 +87,13 @@ def toy_root(tmp_path_factory) -> Path:
 
 
 def toy_dm(root: Path, **kwargs) -> HFTextDataModule:
-    args = {"dataset": "toy", "data_dir": str(root), "vocab_size": 200, "batch_size": 16, "max_length": 16}
+    args = {
+        "dataset": "toy",
+        "data_dir": str(root),
+        "vocab_size": 200,
+        "batch_size": 16,
+        "max_length": 16,
+    }
     return HFTextDataModule(**{**args, **kwargs})
 
 
@@ -105,7 +123,9 @@ def test_rotten_tomatoes_corpus_split_is_deduplicated_stratified_and_seeded():
 
 @needs_corpus
 def test_rotten_tomatoes_setup_gives_padded_label_scarce_batches(tmp_path):
-    dm = RottenTomatoesDataModule(data_dir=str(tmp_path), labeled_fraction=0.1, batch_size=8, max_length=32)
+    dm = RottenTomatoesDataModule(
+        data_dir=str(tmp_path), labeled_fraction=0.1, batch_size=8, max_length=32
+    )
     dm.setup("fit")
     assert dm.vocab_sizes == {"input_ids": 8000} and dm.input_shape == (32,) and dm.num_classes == 2
     assert len(dm.train_set) == 10_201 and len(dm.labeled_indices) == 1_020
@@ -167,7 +187,9 @@ def test_wordpiece_is_trained_on_train_only_and_cached(toy_root, tmp_path, monke
     again = toy_dm(toy_root)
     again.setup()
     assert again.encoder().source == str(path)
-    assert torch.equal(again.train_set.encodings["input_ids"][0], dm.train_set.encodings["input_ids"][0])
+    assert torch.equal(
+        again.train_set.encodings["input_ids"][0], dm.train_set.encodings["input_ids"][0]
+    )
     # keyed by the train texts, the vocabulary size and lowercasing
     texts = [dm.corpus.texts[i] for i in dm.train_indices.tolist()]
     key = wordpiece_cache_path(texts, 200, True, str(toy_root))
@@ -191,8 +213,12 @@ def test_tokenizer_json_and_hf_directory_load_offline(toy_root, tmp_path):
     from tokenizers import Tokenizer
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_file(dm.encoder().source), pad_token="[PAD]",
-        unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        tokenizer_object=Tokenizer.from_file(dm.encoder().source),
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
     fast.save_pretrained(str(tmp_path / "tok"))
     hf = toy_dm(toy_root, tokenizer=str(tmp_path / "tok"))
@@ -223,15 +249,25 @@ def test_student_tokenizer_adds_its_own_encoding(toy_root):
     batch = next(iter(dm.train_dataloader()))
     assert {"student_input_ids", "student_attention_mask"} <= set(batch)
     assert batch["student_input_ids"].max() < 120
-    assert torch.equal(batch["student_attention_mask"].sum(1) > 2, batch["attention_mask"].sum(1) > 2)
+    assert torch.equal(
+        batch["student_attention_mask"].sum(1) > 2, batch["attention_mask"].sum(1) > 2
+    )
 
 
 def test_dynamic_padding_and_truncation():
     items = [
-        {"input_ids": torch.tensor([2, 7, 3]), "label": torch.tensor(1), "index": torch.tensor(0),
-         "view": torch.tensor(0)},
-        {"input_ids": torch.tensor([2, 7, 8, 9, 3]), "label": torch.tensor(0), "index": torch.tensor(5),
-         "view": torch.tensor(0)},
+        {
+            "input_ids": torch.tensor([2, 7, 3]),
+            "label": torch.tensor(1),
+            "index": torch.tensor(0),
+            "view": torch.tensor(0),
+        },
+        {
+            "input_ids": torch.tensor([2, 7, 8, 9, 3]),
+            "label": torch.tensor(0),
+            "index": torch.tensor(5),
+            "view": torch.tensor(0),
+        },
     ]
     batch = PadCollate({"input_ids": 0})(items)
     assert batch["input_ids"].tolist() == [[2, 7, 3, 0, 0], [2, 7, 8, 9, 3]]
@@ -270,7 +306,9 @@ def test_augmented_transfer_texts_join_the_train_set_unlabelled(toy_root):
     assert extra.tolist() == list(range(280, 320))  # past the 280-text corpus
     assert (dm.train_set.labels[extra] == -1).all() and dm.num_unlabelled == 180 + 40
     assert any("[MASK]" in t for t in dm.extra_texts)
-    again = toy_dm(toy_root, labeled_fraction=0.1, extra_transfer=TextAugmentTransfer(copies=2, of="labeled"))
+    again = toy_dm(
+        toy_root, labeled_fraction=0.1, extra_transfer=TextAugmentTransfer(copies=2, of="labeled")
+    )
     again.setup()
     assert again.extra_texts == dm.extra_texts  # seeded by labeled_seed
     item = dm.train_set[239]
@@ -296,7 +334,9 @@ def test_augmentation_rates_on_a_toy_text():
     # 400 distinct words, each once: every word shares frequency bucket 0
     text = " ".join(f"w{i}" for i in range(400))
     src = words(text)
-    out = TextAugmentTransfer(copies=50, p_mask=0.1, p_replace=0.15, p_ngram=0.0).texts(_context([text]))
+    out = TextAugmentTransfer(copies=50, p_mask=0.1, p_replace=0.15, p_ngram=0.0).texts(
+        _context([text])
+    )
     assert len(out) == 50
     got = [t.split() for t in out]
     assert all(len(g) == len(src) for g in got)
@@ -318,15 +358,23 @@ def test_augmentation_is_seeded_and_replaces_within_frequency_buckets():
     aug = TextAugmentTransfer(copies=200, p_mask=0, p_replace=0.5, p_ngram=0)
     out = aug.texts(_context(texts))
     assert out == aug.texts(_context(texts)) and out != aug.texts(_context(texts, seed=1))
-    assert out != TextAugmentTransfer(copies=200, p_mask=0, p_replace=0.5, p_ngram=0, seed_offset=1).texts(
-        _context(texts)
-    )
-    bucket = {"a": {"a"}, "b": {"b", "c"}, "c": {"b", "c"}, "x": {"x", "y", "z"}, "y": {"x", "y", "z"},
-              "z": {"x", "y", "z"}}
+    assert out != TextAugmentTransfer(
+        copies=200, p_mask=0, p_replace=0.5, p_ngram=0, seed_offset=1
+    ).texts(_context(texts))
+    bucket = {
+        "a": {"a"},
+        "b": {"b", "c"},
+        "c": {"b", "c"},
+        "x": {"x", "y", "z"},
+        "y": {"x", "y", "z"},
+        "z": {"x", "y", "z"},
+    }
     for i, t in enumerate(out):
         src = texts[i // 200].split()
         assert all(w in bucket[s] for w, s in zip(t.split(), src))
-    uniform = TextAugmentTransfer(copies=200, p_mask=0, p_replace=0.5, p_ngram=0, replace_with="uniform")
+    uniform = TextAugmentTransfer(
+        copies=200, p_mask=0, p_replace=0.5, p_ngram=0, replace_with="uniform"
+    )
     assert any(w in "xyz" for t in uniform.texts(_context(texts)) for w in t.split()[:4])
 
 
@@ -378,7 +426,9 @@ def test_hidden_test_labels_are_refused(tmp_path):
 
     ds = datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [-1, -1]})
     good = datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [0, 1]})
-    datasets.DatasetDict({"train": good, "validation": good, "test": ds}).save_to_disk(str(tmp_path / "toy"))
+    datasets.DatasetDict({"train": good, "validation": good, "test": ds}).save_to_disk(
+        str(tmp_path / "toy")
+    )
     with pytest.raises(ConfigError, match="hidden") as err:
         toy_dm(tmp_path, val_split="validation").setup()
     assert err.value.field == "data.test_split"
@@ -397,9 +447,12 @@ def test_offline_without_cache_fails_fast_naming_the_field(toy_root, monkeypatch
 def test_download_saves_the_hub_copy_for_offline_runs(tmp_path, monkeypatch):
     import datasets
 
-    hub = datasets.DatasetDict({
-        name: datasets.Dataset.from_dict(toy_split(40, i)) for i, name in enumerate(["train", "validation", "test"])
-    })
+    hub = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(toy_split(40, i))
+            for i, name in enumerate(["train", "validation", "test"])
+        }
+    )
     calls = []
 
     def load_dataset(name, subset, cache_dir):  # the hub, as datasets would return it
@@ -431,23 +484,47 @@ def test_classifier_then_kd_on_label_scarce_augmented_text(toy_root, tmp_path):
     teacher labels the hidden and the augmented texts."""
     from kd_lightning.cli import main
 
-    data = ["--data=kd_lightning.data.HFTextDataModule", "--data.dataset=toy", f"--data.data_dir={toy_root}",
-            "--data.vocab_size=200", "--data.batch_size=8", "--data.max_length=16"]
+    data = [
+        "--data=kd_lightning.data.HFTextDataModule",
+        "--data.dataset=toy",
+        f"--data.data_dir={toy_root}",
+        "--data.vocab_size=200",
+        "--data.batch_size=8",
+        "--data.max_length=16",
+    ]
     common = [*DEBUG_TRAINER, *logger_args(tmp_path / "logs")]
-    teacher = main([
-        "fit", "--model=kd_lightning.modules.ClassifierModule", "--model.model=bag_of_embeddings",
-        "--model.model_kwargs={embed_dim: 8}", *data, *common, "--test_after_fit=true",
-        f"--checkpoint.dirpath={tmp_path / 't'}", "--checkpoint.filename=best",
-    ])
+    teacher = main(
+        [
+            "fit",
+            "--model=kd_lightning.modules.ClassifierModule",
+            "--model.model=bag_of_embeddings",
+            "--model.model_kwargs={embed_dim: 8}",
+            *data,
+            *common,
+            "--test_after_fit=true",
+            f"--checkpoint.dirpath={tmp_path / 't'}",
+            "--checkpoint.filename=best",
+        ]
+    )
     assert teacher.trainer.global_step == 2 and "test/acc" in teacher.trainer.callback_metrics
     assert teacher.model.hparams.vocab_sizes == {"input_ids": 200}  # linked from the data
-    kd = main([
-        "fit", "--model=kd_lightning.modules.DistillationModule", "--model.student=bag_of_embeddings",
-        "--model.student_kwargs={embed_dim: 4}", f"--model.teacher={{checkpoint: {tmp_path / 't' / 'best.ckpt'}}}",
-        *data, "--data.labeled_fraction=0.1", "--data.student_tokenizer=wordpiece",
-        "--data.student_vocab_size=120", "--data.extra_transfer=kd_lightning.data.TextAugmentTransfer",
-        *common, f"--checkpoint.dirpath={tmp_path / 'kd'}", "--test_after_fit=true",
-    ])
+    kd = main(
+        [
+            "fit",
+            "--model=kd_lightning.modules.DistillationModule",
+            "--model.student=bag_of_embeddings",
+            "--model.student_kwargs={embed_dim: 4}",
+            f"--model.teacher={{checkpoint: {tmp_path / 't' / 'best.ckpt'}}}",
+            *data,
+            "--data.labeled_fraction=0.1",
+            "--data.student_tokenizer=wordpiece",
+            "--data.student_vocab_size=120",
+            "--data.extra_transfer=kd_lightning.data.TextAugmentTransfer",
+            *common,
+            f"--checkpoint.dirpath={tmp_path / 'kd'}",
+            "--test_after_fit=true",
+        ]
+    )
     dm = kd.datamodule
     # the teacher's checkpoint records the vocabulary its weights read
     ckpt = torch.load(tmp_path / "t" / "best.ckpt", map_location="cpu", weights_only=False)

