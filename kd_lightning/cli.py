@@ -4,6 +4,11 @@
 subclass mode: YAML picks any LightningModule/DataModule by ``class_path``. The data's
 ``num_classes`` and ``input_shape`` are linked into the model, so configs state them once.
 Other subcommands (``experiment`` …) are dispatched to their own modules.
+
+Bad input never reaches the user as a usage dump: config files, YAML and ``ckpt_path`` are
+checked before the parse, and a failed parse is explained field by field
+(``kd_lightning.preflight.diagnose``); ``console_main`` prints the ConfigError as one line
+and exits 2.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,7 +24,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kd_lightning.callbacks import KDModelCheckpoint, PreemptionCheckpoint
 from kd_lightning.errors import ConfigError
-from kd_lightning.preflight import check_run_dirs, parser_error
+from kd_lightning.preflight import (
+    CommandLine,
+    Subclass,
+    check_ckpt_path,
+    check_run_dirs,
+    diagnose,
+    expand_index_flags,
+    load_config_file,
+    merged_config,
+)
 from kd_lightning.tracking import TrackingSaveConfigCallback
 from kd_lightning.tracking_guard import guard_wandb_config
 
@@ -39,15 +53,36 @@ TRAINER_DEFAULTS = {
 }
 
 
+#: LightningCLI's run subcommands; their command lines are checked before the parse
+RUN_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class ParseFailure(Exception):
+    """jsonargparse rejected the command line; ``build_cli`` turns it into a ConfigError."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class KDArgumentParser(LightningArgumentParser):
-    """An unknown model/data class or init argument is a one-line ConfigError with the
-    closest valid names, not a usage dump (every other parse error is unchanged)."""
+    """Raises ParseFailure instead of printing a usage dump and exiting."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        found = parser_error(message)
-        if found is not None:
-            raise found from None
-        super().error(message, ex)
+        if not self.exit_on_error:  # an inner parse jsonargparse tries and catches itself
+            super().error(message, ex)
+        raise ParseFailure(message) from ex
+
+
+def config_schema() -> dict[str, object]:
+    """What each top-level key of a run config holds, for ``diagnose``: a class whose
+    ``__init__`` the group mirrors, ``Subclass(base)`` for a class_path group, or a type."""
+    return {
+        "seed_everything": bool | int, "test_after_fit": bool, "ckpt_path": str | None,
+        "trainer": L.Trainer, "checkpoint": KDModelCheckpoint, "preemption": PreemptionCheckpoint,
+        "model": Subclass(L.LightningModule), "data": Subclass(L.LightningDataModule),
+        "optimizer": Any, "lr_scheduler": Any, "config": Any,
+    }
 
 
 class KDLightningCLI(LightningCLI):
@@ -81,11 +116,18 @@ class KDLightningCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> KDLightningCLI:
+    argv = list(sys.argv[1:] if args is None else args)
+    line = CommandLine.split(argv)
+    if line is not None and line.subcommand in RUN_COMMANDS:
+        line = check_command_line(line)
+        argv = line.join()
     with warnings.catch_warnings():
         # explicit args from tests/notebooks are intended; Lightning warns if sys.argv is also set
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
         try:
-            return _build_cli(args, run)
+            return _build_cli(argv, run)
+        except ParseFailure as failure:
+            raise explain(failure, line) from None
         except ValueError as err:  # unwrap jsonargparse's wrapper of a ConfigError
             config_error = _find_config_error(err)
             if config_error is None or config_error is err:
@@ -93,7 +135,29 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLightningCLI
             raise config_error from None
 
 
-def _build_cli(args: list[str] | None, run: bool) -> KDLightningCLI:
+def check_command_line(line: CommandLine) -> CommandLine:
+    """Before the parse: config files exist and are YAML mappings, ``ckpt_path`` is a
+    readable checkpoint, and list-index flags become whole-list flags jsonargparse takes."""
+    for path in line.config_files:
+        load_config_file(path)
+    line = expand_index_flags(line)
+    ckpt_path = merged_config(line).get("ckpt_path")
+    check_ckpt_path(ckpt_path if isinstance(ckpt_path, str) else None)
+    return line
+
+
+def explain(failure: ParseFailure, line: CommandLine | None) -> ConfigError:
+    """The first bad field of the merged config, else jsonargparse's first line as one line."""
+    if line is not None and line.subcommand in RUN_COMMANDS:
+        found = diagnose(merged_config(line), config_schema())
+        if found is not None:
+            return found
+    command = line.subcommand if line is not None else "fit"
+    first = next((s.strip() for s in failure.message.splitlines() if s.strip()), failure.message)
+    return ConfigError("command line", first, f"see `kd-lightning {command} --help`")
+
+
+def _build_cli(args: list[str], run: bool) -> KDLightningCLI:
     return KDLightningCLI(
         model_class=L.LightningModule,
         datamodule_class=L.LightningDataModule,

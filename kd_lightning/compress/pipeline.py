@@ -26,6 +26,7 @@ import inspect
 import itertools
 import json
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ from kd_lightning.compress.report import (
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model
 from kd_lightning.modules.teacher import TeacherSpec, build_teacher
+from kd_lightning.preflight import parse_or_config_error
 
 
 @dataclass
@@ -341,6 +343,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="kd-lightning compress",
         description="Prune, KD-fine-tune, quantize and export a distilled student; write a report.",
+        exit_on_error=False,  # main() turns a failed parse into one ConfigError line
     )
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML config (configs/compress/)")
     parser.add_function_arguments(compress, as_group=False, skip={"config"})
@@ -350,7 +353,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> CompressResult:
     """``kd-lightning compress [-c config.yaml] [--field=value ...]``."""
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    cfg = parse_or_config_error(parser, list(sys.argv[1:] if argv is None else argv), "compress",
+                                compress)
     resolved = cfg.clone()
     del resolved["config"]
     init = parser.instantiate_classes(cfg)
