@@ -102,8 +102,8 @@ def _check_trained_inputs(hparams: dict, inputs: dict[str, Any], field_name: str
         if shape is not None and (len(shape) != 3 or int(shape[0]) != inputs["in_channels"]):
             raise ConfigError(
                 field_name, path,
-                f"the teacher was trained on inputs of shape {tuple(shape)} but the data has "
-                f"{inputs['in_channels']}-channel images (e.g. a CIFAR teacher on MNIST); use a "
+                f"the teacher was trained on {_describe(shape)} {tuple(shape)} but the data has "
+                f"{inputs['in_channels']} channel(s) (e.g. a CIFAR teacher on MNIST); use a "
                 "teacher trained on this dataset",
             )
         return
@@ -117,6 +117,10 @@ def _check_trained_inputs(hparams: dict, inputs: dict[str, Any], field_name: str
             f"{inputs['vocab_size']}; give the data the tokenizer the teacher was trained with "
             "(same data.tokenizer and data.vocab_size)",
         )
+
+
+def _describe(shape: Any) -> str:
+    return f"{int(shape[0])}-channel inputs" if len(shape) == 3 else "token sequences"
 
 
 def _load_state(model: nn.Module, state: dict, field_name: str, path: str) -> None:
