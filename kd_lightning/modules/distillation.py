@@ -263,6 +263,9 @@ class DistillationModule(BaseModule):
         if self.teacher_cache is not None and stage == "fit":  # refuse before any step
             datamodule = getattr(self._trainer, "datamodule", None)
             self.teacher_cache.data_checked = check_cache_data(datamodule)
+            bind = getattr(self.teacher_cache, "bind", None)  # the disk store checks its files
+            if bind is not None:
+                bind(datamodule, self.num_classes, self.teacher_fingerprints)
 
     def on_fit_start(self) -> None:
         # after DataModule.setup, so a kd-lightning DataModule knows its unlabelled count

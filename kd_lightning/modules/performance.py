@@ -69,7 +69,7 @@ class Performance:
         if self.teacher_cache == "disk":
             from kd_lightning.modules.teacher_store import TeacherStore
 
-            return TeacherStore(self.store_dir, topk=self.store_topk or num_classes)
+            return TeacherStore(self.store_dir, k=self.store_topk or num_classes)
         return None
 
     def apply(self, model: nn.Module, role: Literal["student", "teacher"]) -> None:
