@@ -8,6 +8,8 @@ precision; fp16: to fp16 rounding), on the same deterministic augmentation views
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
 from pathlib import Path
 
 import lightning as L
@@ -127,3 +129,28 @@ def test_store_size_per_entry(tree, tmp_path):
     store = TeacherStore(str(tmp_path / "s"), k=2).bind(_data(tree), CLASSES, ["t"])
     assert store.nbytes_per_entry() == 2 * (2 + 2) + 1  # fp16 values + int16 ids + flag
     assert math.isclose(store.tables["train"].values.nbytes, 12 * 2 * 2 * 2)
+
+
+def _write_share(rank: int, path: str, tree: str) -> None:
+    store = TeacherStore(path, k=2).bind(_data(Path(tree)), CLASSES, ["t"])  # both race to create
+    index = torch.arange(rank, 12, 2)
+    logits = torch.stack([torch.tensor([float(i), 0.0, -float(i)]) for i in index.tolist()])
+    store.write("train", index, torch.ones_like(index), [ModelOutput(logits, {})])
+    store.flush()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the two writers")
+def test_two_processes_write_their_own_samples_into_one_store(tree, tmp_path):
+    path = str(tmp_path / "shared")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_share, args=(r, path, str(tree))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    store = TeacherStore(path, k=2, read_only=True).bind(_data(tree), CLASSES, ["t"])
+    filled = torch.from_numpy(store.tables["train"].filled.copy())
+    assert filled.shape == (12, 2) and filled[:, 1].all() and not filled[:, 0].any()
+    out = store.read("train", torch.arange(12), torch.ones(12, dtype=torch.long))[0].logits
+    assert (out.argmax(-1)[1:] == 0).all()  # class 0 is the largest logit of every row i > 0

@@ -62,7 +62,16 @@ def main(argv: list[str] | None = None) -> Any:
     which prints it as one line and exits 2 (argparse exits 2 on bad flags itself). Returns
     the written dataset's description (optimize) or the TeacherStore (store-teacher)."""
     args = _parser().parse_args(argv)
-    return optimize(args) if args.command == "optimize" else store_teacher(args)
+    if args.command == "optimize":
+        return optimize(args)
+    previous = os.environ.get("PL_GLOBAL_SEED")
+    try:
+        return store_teacher(args)
+    finally:  # store_teacher sets the run's seed for the views; leave the caller's as it was
+        if previous is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = previous
 
 
 # -- config helpers ------------------------------------------------------------------------------
@@ -133,6 +142,9 @@ def store_teacher(args: argparse.Namespace) -> Any:
     from kd_lightning.modules.teacher_store import TeacherStore
 
     config = load_config(args.config)
+    # the views are seeded by the run's seed_everything (the CLI's default is 42), as in fit
+    seed = config.get("seed_everything", 42)
+    os.environ["PL_GLOBAL_SEED"] = str(int(seed) if seed not in (None, True, False) else 42)
     overrides = {"augment_views": args.views} if args.views is not None else {}
     dm = _datamodule(config, **overrides, num_workers=0)
     teacher_cfg = ((config.get("model") or {}).get("init_args") or {}).get("teacher")

@@ -306,7 +306,8 @@ class StreamingImageDataModule(ImageDataMixin, L.LightningDataModule):
             self._loaders[split] = StreamingDataLoader(
                 getattr(self, f"{split}_set"), batch_size=batch_size, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, collate_fn=collate_images,
-                persistent_workers=self.num_workers > 0,
+                # fresh workers every epoch: each gets the stream's new epoch, hence its view
+                persistent_workers=False,
             )
         return self._loaders[split]
 
