@@ -405,6 +405,11 @@ def test_bad_arguments_name_the_field(toy_root, kwargs, field):
         ({"text_column": "sentence"}, "data.text_column", r"it has \['text', 'label'\]"),
         ({"label_column": "y"}, "data.label_column", r"it has \['text', 'label'\]"),
         ({"val_split": "dev"}, "data.val_split", "splits"),
+        (
+            {"train_split": "training"},
+            "data.train_split",
+            r"splits \['test', 'train', 'validation'\]",
+        ),
         ({"dataset": "nope"}, "data.data_dir", "download: true"),
         ({"tokenizer": "missing.json"}, "data.tokenizer", "no such tokenizer file"),
         ({"vocab_size": 20}, "data.vocab_size", "characters alone need"),

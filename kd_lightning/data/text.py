@@ -769,8 +769,14 @@ class HFTextDataModule(TextDataModule):
     @property
     def num_classes(self) -> int:  # type: ignore[override]
         if self._num_classes is None:
-            self._num_classes = self._classes_of(self._splits()[self.train_split])
+            self._num_classes = self._classes_of(self._split("train", self.train_split))
         return self._num_classes
+
+    def _split(self, role: str, name: str) -> Any:
+        data = self._splits()
+        if name not in data:
+            raise ConfigError(f"data.{role}_split", name, f"the dataset has splits {sorted(data)}")
+        return data[name]
 
     @property
     def local_dir(self) -> Path:
@@ -849,7 +855,6 @@ class HFTextDataModule(TextDataModule):
         return texts, labels
 
     def load_corpus(self) -> Corpus:
-        data = self._splits()
         named = {"train": self.train_split, "val": self.val_split, "test": self.test_split}
         texts: list[str] = []
         labels: list[Tensor] = []
@@ -858,16 +863,14 @@ class HFTextDataModule(TextDataModule):
             if name is None:
                 splits[role] = None
                 continue
-            field = f"data.{role}_split"
-            if name not in data:
-                raise ConfigError(field, name, f"the dataset has splits {sorted(data)}")
+            split = self._split(role, name)
             if role == "test" and name == self.val_split and splits.get("val") is not None:
                 splits["test"] = splits["val"]  # the same split (e.g. GLUE's dev set)
                 continue
-            t, y = self._columns(data[name], name)
+            t, y = self._columns(split, name)
             if len(y) == 0 or bool((y < 0).all()):
                 raise ConfigError(
-                    field,
+                    f"data.{role}_split",
                     name,
                     "its labels are hidden (-1, e.g. GLUE test sets); use a labelled split, e.g. validation",
                 )
@@ -875,7 +878,8 @@ class HFTextDataModule(TextDataModule):
                 raise ConfigError(
                     "data.num_classes",
                     self.num_classes,
-                    f"the {name!r} split has labels outside [0, {self.num_classes})",
+                    f"the {name!r} split has labels outside [0, {self.num_classes}) (some hidden "
+                    "as -1?); use fully labelled splits and the dataset's class count",
                 )
             splits[role] = torch.arange(len(texts), len(texts) + len(t))
             texts += t
