@@ -16,7 +16,13 @@ the 12-layer BERT teacher, and reports that this initialisation matters. Two str
     Block 0 — the one with the downsampling shortcut in a ResNet stage — thus maps to the
     teacher's block 0, which has the same shortcut. Everything outside block stacks is
     matched by name, as in ``matching``. ResNet-56 → ResNet-20 uses teacher blocks 0, 3, 6
-    of each 9-block stage.
+    of each 9-block stage. For BERT students (the built-in ``bert`` and ``hf:`` models,
+    which share one wrapper and hence module names) the stack is
+    ``model.bert.encoder.layer``: a 6-layer student of a 12-layer teacher takes teacher
+    layers 0, 2, …, 10, as DistilBERT did, and the embeddings, pooler and classifier are
+    copied by name where their shapes match (a smaller position table is skipped and
+    reported). The parameter-free feature taps (``hidden.{i}``, ``attention.{i}``) hold no
+    tensors and are not remapped.
 
 Either way the copy is reported (tensors and parameters copied, tensors skipped and why)
 and a strategy that copies nothing is a configuration error, not a silent no-op.

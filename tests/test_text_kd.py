@@ -1,0 +1,70 @@
+"""The text path through the CLI: the quickstart configs end to end on the offline corpus,
+and a BERT → BERT run with transformer feature heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kd_lightning.cli import main
+from tests.conftest import CONFIGS, DEBUG_TRAINER, logger_args
+
+QUICKSTART = CONFIGS / "text" / "quickstart"
+#: keeps the runs small: the real corpus, a short max_length, a small vocabulary
+SMALL_DATA = ["--data.max_length=24", "--data.vocab_size=500", "--data.batch_size=16",
+              "--data.eval_batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def text_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text_teacher")
+    main([
+        "fit", "-c", str(QUICKSTART / "teacher.yaml"), *DEBUG_TRAINER, *SMALL_DATA,
+        "--model.model_kwargs={layers: 2, hidden: 32, heads: 2}",
+        f"--data.data_dir={out / 'data'}", f"--checkpoint.dirpath={out / 'teacher'}",
+        *logger_args(out / "logs"),
+    ])
+    ckpt = out / "teacher" / "best.ckpt"
+    assert ckpt.exists()
+    return ckpt
+
+
+def test_quickstart_teacher_then_kd(text_teacher, tmp_path):
+    data_dir = text_teacher.parent.parent / "data"
+    main([
+        "fit", "-c", str(QUICKSTART / "kd.yaml"), *DEBUG_TRAINER, *SMALL_DATA,
+        f"--data.data_dir={data_dir}", f"--model.teacher.checkpoint={text_teacher}",
+        f"--checkpoint.dirpath={tmp_path / 'kd'}", *logger_args(tmp_path / "logs", "kd"),
+    ])
+    ckpt = torch.load(tmp_path / "kd" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["student"] == "bag_of_embeddings"
+    assert ckpt["hyper_parameters"]["vocab_sizes"] == {"input_ids": 500}
+    metrics = (tmp_path / "logs").rglob("metrics.csv")
+    header = next(metrics).read_text().splitlines()[0]
+    assert "test/acc" in header and "test/teacher_acc" in header
+
+
+def test_text_kd_with_transformer_feature_heads(text_teacher, tmp_path):
+    """A 1-layer BERT student of the 2-layer teacher, initialised from every other layer,
+    trained with soft CE + hidden-state cosine + attention MSE (DistilBERT/TinyBERT)."""
+    data_dir = text_teacher.parent.parent / "data"
+    heads = (
+        "[{class_path: kd_lightning.losses.KLDivergence, init_args: {weight: 1.0}},"
+        " {class_path: kd_lightning.losses.HiddenStateCosine,"
+        "  init_args: {weight: 1.0, layer_map: [[0, 1]]}},"
+        " {class_path: kd_lightning.losses.AttentionMSE,"
+        "  init_args: {weight: 1.0, layer_map: [[0, 1]]}}]"
+    )
+    main([
+        "fit", "-c", str(QUICKSTART / "kd.yaml"), *DEBUG_TRAINER, *SMALL_DATA,
+        "--model.student=bert", "--model.student_kwargs={layers: 1, hidden: 32, heads: 2}",
+        "--model.init_from_teacher=every_kth", f"--model.heads={heads}",
+        "--model.performance={teacher_cache: \"off\"}",
+        f"--data.data_dir={data_dir}", f"--model.teacher.checkpoint={text_teacher}",
+        f"--checkpoint.dirpath={tmp_path / 'kd'}", *logger_args(tmp_path / "logs", "kd"),
+    ])
+    metrics = next((tmp_path / "logs").rglob("metrics.csv")).read_text()
+    header = metrics.splitlines()[0]
+    assert "train/loss_hidden_cos" in header and "train/loss_attention_mse" in header
+    state = torch.load(tmp_path / "kd" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("student.model.bert.encoder.layer.0.") for k in state["state_dict"])
