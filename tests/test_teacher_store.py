@@ -154,3 +154,27 @@ def test_two_processes_write_their_own_samples_into_one_store(tree, tmp_path):
     assert filled.shape == (12, 2) and filled[:, 1].all() and not filled[:, 0].any()
     out = store.read("train", torch.arange(12), torch.ones(12, dtype=torch.long))[0].logits
     assert (out.argmax(-1)[1:] == 0).all()  # class 0 is the largest logit of every row i > 0
+
+
+def test_kd_fit_with_the_disk_store_through_the_cli(tree, tmp_path):
+    from kd_lightning.cli import main
+    from tests.conftest import DEBUG_TRAINER, logger_args
+
+    store = tmp_path / "store"
+    args = [
+        "fit", "--model=kd_lightning.modules.DistillationModule", "--model.student=resnet8",
+        "--model.teacher.model=resnet8", "--model.performance.teacher_cache=disk",
+        f"--model.performance.store_dir={store}", "--model.performance.store_topk=2",
+        "--data=kd_lightning.data.ImageFolderDataModule", f"--data.init_args.data_dir={tree}",
+        "--data.init_args.image_size=32", "--data.init_args.resize_size=36",
+        "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+        "--data.init_args.augment_views=2", *DEBUG_TRAINER, "--test_after_fit=false",
+        *logger_args(tmp_path / "logs"), f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+    ]
+    cli = main(args)
+    assert cli.trainer.global_step == 2
+    assert int(cli.model.teacher_cache.tables["train"].filled.sum()) == 8  # 2 batches of 4, view 0
+    # the same store with other views is refused before any step
+    with pytest.raises(ConfigError, match="other augmentation views"):
+        main([*args[:-4], "--data.init_args.augment_views=3", *logger_args(tmp_path / "logs2"),
+              f"--checkpoint.dirpath={tmp_path / 'ckpt2'}"])
