@@ -15,16 +15,25 @@ import torch
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import (
+    AB,
     CTKD,
     DIST,
     DKD,
+    FSP,
+    KDSVD,
     MLKD,
+    OFD,
+    VID,
     WTTM,
+    CorrelationCongruence,
     CrossEntropy,
+    FactorTransfer,
     KLDivergence,
     ModelOutput,
+    ReviewKD,
     TeacherOutput,
 )
+from kd_lightning.losses.reviewkd import hcl
 from kd_lightning.modules import DistillationModule
 from kd_lightning.modules.teacher import TeacherSpec
 
@@ -309,3 +318,183 @@ def test_mlkd_class_absent_from_the_batch(logits):
 def test_bad_settings_name_the_field(make, field):
     with pytest.raises(ConfigError, match=field):
         make()
+
+
+# -- feature heads ----------------------------------------------------------------------
+
+def _built(head, s_feats, t_feats):
+    head.build({k: v.shape for k, v in s_feats.items()}, {k: v.shape for k, v in t_feats.items()})
+    return head
+
+
+def _feat_run(head, s_feats, t_feats):
+    """The head's loss on features, and the gradient with respect to the first student map."""
+    s = {k: v.clone().requires_grad_() for k, v in s_feats.items()}
+    first = next(iter(s.values()))
+    loss = head(ModelOutput(torch.zeros(len(first), 3), s),
+                TeacherOutput([ModelOutput(torch.zeros(len(first), 3), t_feats)]), {})
+    (grad,) = torch.autograd.grad(loss, first, allow_unused=True)
+    return loss.detach(), grad
+
+
+def _maps(seed, *shapes):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g) for s in shapes]
+
+
+def test_vid_is_the_gaussian_negative_log_likelihood():
+    f_s, f_t = _maps(1, (3, 2, 4, 4), (3, 5, 4, 4))
+    head = _built(VID(student_layers="a", teacher_layers="b", init_var=2.0), {"a": f_s}, {"b": f_t})
+    loss, _ = _feat_run(head, {"a": f_s}, {"b": f_t})
+    reg = head.regressors[0]
+    mu = reg.mean(f_s).detach()
+    var = math.log1p(math.exp(reg.log_scale[0].item())) + 1e-5
+    assert var == pytest.approx(2.0, rel=1e-4)  # the variance starts at init_var
+    terms = [0.5 * ((mu[n, c, h, w] - f_t[n, c, h, w]) ** 2 / var + math.log(var))
+             for n in range(3) for c in range(5) for h in range(4) for w in range(4)]
+    assert loss.item() == pytest.approx(float(sum(terms) / len(terms)), rel=1e-5)
+    assert "0.log_scale" in dict(head.regressors.named_parameters())
+
+
+def test_ab_matches_the_boundary_hinge():
+    s1, t1, s2, t2 = _maps(2, (2, 3, 4, 4), (2, 3, 4, 4), (2, 3, 2, 2), (2, 3, 2, 2))
+    head = _built(AB(student_layers=["a", "c"], teacher_layers=["b", "d"], margin=0.5),
+                  {"a": s1, "c": s2}, {"b": t1, "d": t2})
+    for conn in head.connectors:  # identity connectors: the hinge on the raw maps
+        conn.proj[0].weight.data = torch.eye(3)[:, :, None, None]
+        conn.proj.eval()
+        conn.proj[1].running_var.fill_(1 - 1e-5)
+    loss, _ = _feat_run(head, {"a": s1, "c": s2}, {"b": t1, "d": t2})
+    want = 0.0
+    for i, (s, t) in enumerate([(s1, t1), (s2, t2)]):
+        part = 0.0
+        for sv, tv in zip(s.flatten().tolist(), t.flatten().tolist()):
+            if tv <= 0 and sv > -0.5:
+                part += (sv + 0.5) ** 2
+            if tv > 0 and sv <= 0.5:
+                part += (sv - 0.5) ** 2
+        want += 2.0 ** (i - 1) * part / 2
+    assert loss.item() == pytest.approx(want / 1000 * 3, rel=1e-4)
+
+
+def test_fsp_matches_the_flow_matrices():
+    s0, s1, t0, t1 = _maps(3, (2, 3, 4, 4), (2, 3, 2, 2), (2, 3, 4, 4), (2, 3, 2, 2))
+    head = _built(FSP(student_layers=["a", "b"], teacher_layers=["a", "b"]),
+                  {"a": s0, "b": s1}, {"a": t0, "b": t1})
+    got = _feat_run(head, {"a": s0, "b": s1}, {"a": t0, "b": t1})
+
+    def gram(bottom, top):
+        bottom = torch.nn.functional.avg_pool2d(bottom, 2)  # 4×4 → 2×2
+        return torch.stack([torch.stack([torch.stack([
+            (top[n, a] * bottom[n, b]).mean() for b in range(3)]) for a in range(3)]) for n in range(2)])
+
+    _close(got, _ref(lambda s: (gram(s, s1) - gram(t0, t1)).pow(2).mean(), s0))
+
+
+def test_fsp_and_kdsvd_need_equal_widths():
+    s, t = torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 4, 4)
+    for head in (FSP(student_layers=["a", "a"], teacher_layers=["b", "b"]),
+                 KDSVD(student_layers=["a", "a"], teacher_layers=["b", "b"])):
+        with pytest.raises(ConfigError, match="student_layers"):
+            _built(head, {"a": s}, {"b": t})
+
+
+def test_cc_matches_the_neighbour_correlation():
+    f_s, f_t = _maps(4, (4, 6), (4, 8))
+    head = _built(CorrelationCongruence(student_layers="a", teacher_layers="b", feat_dim=3),
+                  {"a": f_s}, {"b": f_t})
+    loss, _ = _feat_run(head, {"a": f_s}, {"b": f_t})
+    e_s = head.embed_s(f_s).detach()
+    e_t = head.embed_t(f_t).detach()
+    e_s = e_s / e_s.norm(dim=1, keepdim=True)
+    e_t = e_t / e_t.norm(dim=1, keepdim=True)
+    d = (e_s - e_t).abs()
+    want = sum(float((d[i] * d[i + 1]).sum()) for i in range(3)) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    # one sample has no neighbour: zero, with a graph
+    one, grad = _feat_run(head, {"a": f_s[:1]}, {"b": f_t[:1]})
+    assert one.item() == 0.0 and torch.isfinite(grad).all()
+
+
+def test_ofd_partial_l2_with_the_running_margin():
+    f_s, f_t = _maps(5, (2, 3, 2, 2), (2, 3, 2, 2))
+    head = _built(OFD(student_layers="a", teacher_layers="b"), {"a": f_s}, {"b": f_t})
+    head.connectors[0].proj[0].weight.data = torch.eye(3)[:, :, None, None]
+    head.connectors[0].proj.eval()
+    head.connectors[0].proj[1].running_var.fill_(1 - 1e-5)
+    assert head.margin(0).abs().sum() == 0  # no negatives seen yet
+    loss, _ = _feat_run(head, {"a": f_s}, {"b": f_t})
+    margin = [float(f_t[:, c][f_t[:, c] < 0].mean()) for c in range(3)]  # E[t | t < 0]
+    torch.testing.assert_close(head.margin(0), torch.tensor(margin))
+    want = 0.0
+    for n in range(2):
+        for c in range(3):
+            m = margin[c]
+            for s, t in zip(f_s[n, c].flatten().tolist(), f_t[n, c].flatten().tolist()):
+                if s > m and t <= m:
+                    want += (s - m) ** 2
+                elif t > m and t <= 0 and s > t:
+                    want += (s - t) ** 2
+                elif t > 0:
+                    want += (s - t) ** 2
+    assert loss.item() == pytest.approx(want / 2, rel=1e-4)
+    assert "neg_sum_0" in head.state_dict()
+
+
+def test_reviewkd_hcl_and_fusion_order():
+    a, b = _maps(6, (2, 3, 8, 8), (2, 3, 8, 8))
+    pooled = [(1.0, a, b)] + [(w, torch.nn.functional.adaptive_avg_pool2d(a, k),
+                               torch.nn.functional.adaptive_avg_pool2d(b, k))
+                              for w, k in ((0.5, 4), (0.25, 2), (0.125, 1))]
+    want = sum(w * ((x - y) ** 2).mean() for w, x, y in pooled) / sum(w for w, _, _ in pooled)
+    torch.testing.assert_close(hcl(a, b), want)
+    s1, s2, e_s, t1, t2, e_t = _maps(7, (2, 3, 8, 8), (2, 5, 4, 4), (2, 6), (2, 4, 8, 8),
+                                     (2, 6, 4, 4), (2, 7))
+    s = {"l1": s1, "l2": s2, "e": e_s}
+    t = {"m1": t1, "m2": t2, "f": e_t}
+    head = _built(ReviewKD(student_layers=["l1", "l2", "e"], teacher_layers=["m1", "m2", "f"]), s, t)
+    assert [abf.att is None for abf in head.abfs] == [False, False, True]  # deepest: no fusion
+    loss, grad = _feat_run(head, s, t)
+    # the same chain by hand: deepest first, each residual handed one stage up
+    y3, r = head.abfs[2](e_s[:, :, None, None], None, (1, 1))
+    y2, r = head.abfs[1](s2, r, (4, 4))
+    y1, _ = head.abfs[0](s1, r, (8, 8))
+    want = hcl(y3, e_t[:, :, None, None]) + hcl(y2, t2) + hcl(y1, t1)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert grad is not None and torch.isfinite(grad).all()
+
+
+def test_kdsvd_is_invariant_to_channel_sign_flips_of_the_teacher():
+    s1, s2, t1, t2 = _maps(8, (2, 4, 3, 3), (2, 4, 3, 3), (2, 4, 3, 3), (2, 4, 3, 3))
+    head = _built(KDSVD(student_layers=["a", "b"], teacher_layers=["c", "d"]),
+                  {"a": s1, "b": s2}, {"c": t1, "d": t2})
+    loss, grad = _feat_run(head, {"a": s1, "b": s2}, {"c": t1, "d": t2})
+    assert torch.isfinite(loss) and loss > 0 and torch.isfinite(grad).all()
+    # singular vectors are defined up to sign: the loss must not depend on it
+    flipped, _ = _feat_run(head, {"a": s1, "b": s2}, {"c": -t1, "d": -t2})
+    assert flipped.item() == pytest.approx(loss.item(), rel=1e-4)
+    # a student equal to the teacher has nothing left to learn
+    same, _ = _feat_run(head, {"a": t1, "b": t2}, {"c": t1, "d": t2})
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_factor_transfer_warms_up_its_paraphraser_then_freezes_it():
+    f_s, f_t = _maps(9, (2, 3, 4, 4), (2, 6, 4, 4))
+    head = _built(FactorTransfer(student_layers="a", teacher_layers="b", paraphraser_epochs=2),
+                  {"a": f_s}, {"b": f_t})
+    head.current_weight(0, 0)  # warm-up: reconstruction / weight, no gradient to the student
+    loss, grad = _feat_run(head, {"a": f_s}, {"b": f_t})
+    rec = head.paraphraser.decoder(head.paraphraser.encoder(f_t))
+    assert loss.item() == pytest.approx(((rec - f_t) ** 2).mean().item() / 200.0, rel=1e-5)
+    assert grad is None
+    head.current_weight(2, 0)  # afterwards: the factor loss, paraphraser frozen
+    loss, grad = _feat_run(head, {"a": f_s}, {"b": f_t})
+    fs = head.translator(f_s).detach().pow(2).mean(1).flatten(1)
+    ft = head.paraphraser.encoder(f_t).detach().pow(2).mean(1).flatten(1)
+    fs, ft = fs / fs.norm(dim=1, keepdim=True), ft / ft.norm(dim=1, keepdim=True)
+    assert loss.item() == pytest.approx((fs - ft).abs().mean().item(), rel=1e-5)
+    assert grad is not None
+    head.zero_grad()
+    head(ModelOutput(torch.zeros(2, 3), {"a": f_s}),
+         TeacherOutput([ModelOutput(torch.zeros(2, 3), {"b": f_t})]), {}).backward()
+    assert all(p.grad is None for p in head.paraphraser.parameters())
