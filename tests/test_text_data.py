@@ -74,10 +74,15 @@ def write_toy_dataset(root: Path, layout: str = "save_to_disk", text_column: str
     path = root / "toy"
     if layout == "save_to_disk":
         dd.save_to_disk(str(path))
-    else:  # the hub repository's parquet files
-        path.mkdir(parents=True)
+    else:  # the hub repository's parquet files, in two of the layouts repositories use
+        (path / "data").mkdir(parents=True)
         for name, ds in dd.items():
-            ds.to_parquet(str(path / f"{name}-00000-of-00001.parquet"))
+            shards = [path / "data" / f"{name}-0000{i}-of-00002.parquet" for i in range(2)]
+            if name == "test":
+                (path / "test").mkdir()
+                shards = [path / "test" / f"000{i}.parquet" for i in range(2)]
+            for i, shard in enumerate(shards):
+                ds.shard(2, i, contiguous=True).to_parquet(str(shard))
     return root
 
 

@@ -715,7 +715,7 @@ class HFTextDataModule(TextDataModule):
     On-disk layout (what ``download: false`` reads): ``data_dir/<dataset>[/<subset>]``, e.g.
     ``data/glue/sst2``, holding either a ``DatasetDict.save_to_disk`` copy
     (``dataset_dict.json`` plus one folder per split) or the hub repository's parquet files
-    (``<split>-*.parquet`` or ``<split>/*.parquet``, as ``huggingface-cli download
+    (``[data/]<split>[-*].parquet`` or ``<split>/*.parquet``, as ``huggingface-cli download
     --repo-type dataset`` leaves them). ``download: true`` calls
     ``datasets.load_dataset(dataset, subset, cache_dir=data_dir)`` once, when the hub is
     reachable, and saves the result in that layout, so later runs work offline.
@@ -896,8 +896,10 @@ def read_local_dataset(path: Path) -> Any:
         return datasets.load_from_disk(str(path))
     files: dict[str, list[str]] = {}
     for file in sorted(path.glob("*.parquet")) + sorted(path.glob("*/*.parquet")):
-        # train-00000-of-00001.parquet, or train/0000.parquet
-        split = file.parent.name if file.parent != path else file.name.split("-")[0].split(".")[0]
+        # train-00000-of-00001.parquet, train.parquet, data/train-….parquet: the name says;
+        # train/0000.parquet: the folder does
+        prefix = file.name.split("-")[0].split(".")[0]
+        split = file.parent.name if prefix.isdigit() else prefix
         files.setdefault(split, []).append(str(file))
     if not files:
         return None
