@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -63,7 +64,7 @@ def machine() -> dict[str, str]:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
     return {"processor": platform.processor(), "machine": platform.machine(),
-            "nproc": str(torch.get_num_threads()), "cpu_model": model, "torch": torch.__version__}
+            "nproc": str(os.cpu_count()), "cpu_model": model, "torch": torch.__version__}
 
 
 def images(args: argparse.Namespace, n: int) -> torch.Tensor:
