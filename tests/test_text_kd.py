@@ -68,3 +68,18 @@ def test_text_kd_with_transformer_feature_heads(text_teacher, tmp_path):
     assert "train/loss_hidden_cos" in header and "train/loss_attention_mse" in header
     state = torch.load(tmp_path / "kd" / "best.ckpt", map_location="cpu", weights_only=False)
     assert any(k.startswith("student.model.bert.encoder.layer.0.") for k in state["state_dict"])
+
+
+@pytest.mark.parametrize("recipe", ["teacher", "bilstm_tang", "distilbert"])
+def test_sst2_recipes_parse(recipe, capsys):
+    """The online SST-2 recipes cannot run offline; their configs must still parse."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "-c", str(CONFIGS / "text" / "sst2" / f"{recipe}.yaml"), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "tokenizer: bert-base-uncased" in printed and "subset: sst2" in printed
+    if recipe == "distilbert":
+        assert "init_from_teacher: every_kth" in printed and "HiddenStateCosine" in printed
+    if recipe == "bilstm_tang":
+        assert "student: bilstm" in printed and "LogitMSE" in printed
+        assert "TextAugmentTransfer" in printed
