@@ -13,8 +13,9 @@ import yaml
 from kd_lightning.cli import main
 from tests.conftest import CONFIGS, DEBUG_TRAINER, logger_args
 
-# Configs of other commands (their own parsers, tested with those commands).
-NOT_LIGHTNING_CLI = {"experiments", "compress"}
+# Configs of other commands (their own parsers, tested with those commands), and the
+# reproduction configs, which tests/test_repro_configs.py parses and checks against its recipe table.
+NOT_LIGHTNING_CLI = {"experiments", "compress", "repro"}
 
 
 def _lightning_configs() -> list[Path]:

@@ -80,7 +80,7 @@ def test_missing_data_without_download_says_how_to_get_it(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"batch_size": 0}, "data.batch_size"), ({"val_fraction": 1.0}, "data.val_fraction"),
-     ({"val_fraction": 0.0}, "data.val_fraction")],
+     ({"val_fraction": -0.1}, "data.val_fraction")],
 )
 def test_bad_loader_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as err:
