@@ -83,3 +83,22 @@ def test_sst2_recipes_parse(recipe, capsys):
     if recipe == "bilstm_tang":
         assert "student: bilstm" in printed and "LogitMSE" in printed
         assert "TextAugmentTransfer" in printed
+
+
+def test_quickstart_student_has_at_most_a_fifth_of_the_teachers_parameters():
+    import yaml
+
+    from kd_lightning.models import model_from_config
+
+    teacher_cfg = yaml.safe_load((QUICKSTART / "teacher.yaml").read_text())
+    kd_cfg = yaml.safe_load((QUICKSTART / "kd.yaml").read_text())
+    data = kd_cfg["data"]["init_args"]
+    assert data == teacher_cfg["data"]["init_args"]  # one tokenizer for both
+    inputs = {"vocab_size": data["vocab_size"], "max_length": data["max_length"]}
+    t_args, s_args = teacher_cfg["model"]["init_args"], kd_cfg["model"]["init_args"]
+    teacher = model_from_config(t_args["model"], 2, inputs, "model.model", t_args["model_kwargs"])
+    student = model_from_config(s_args["student"], 2, inputs, "model.student",
+                                s_args["student_kwargs"])
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    assert n_student <= n_teacher / 5, (n_student, n_teacher)
