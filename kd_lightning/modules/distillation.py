@@ -41,7 +41,12 @@ from kd_lightning.modules.inputs import (
 )
 from kd_lightning.modules.metrics import agreement_metric, classifier_metrics
 from kd_lightning.modules.performance import Performance
-from kd_lightning.modules.teacher import TeacherSpec, build_teacher, fingerprint
+from kd_lightning.modules.teacher import (
+    TeacherSpec,
+    build_teacher,
+    check_teacher_vocabulary,
+    fingerprint,
+)
 from kd_lightning.modules.teacher_cache import cache_stage, check_cache_data
 
 
@@ -260,6 +265,9 @@ class DistillationModule(BaseModule):
         ]
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        for i, t in enumerate(self._teachers):
+            check_teacher_vocabulary(t, datamodule, f"model.teacher[{i}]")
         if self.teacher_cache is not None and stage == "fit":  # refuse before any step
             datamodule = getattr(self._trainer, "datamodule", None)
             self.teacher_cache.data_checked = check_cache_data(datamodule)

@@ -80,6 +80,11 @@ def build_teacher(
         model = model_from_config(arch, num_classes, inputs, f"{field_name}.model", kwargs)
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         _load_state(model, state, f"{field_name}.checkpoint", spec.checkpoint)
+        # the vocabularies a text teacher was trained on (saved by text DataModules), checked
+        # against the data's once it is set up: a retrained WordPiece can keep its size
+        model.kd_tokenizers = next(
+            (v["tokenizers"] for v in ckpt.values() if isinstance(v, dict) and "tokenizers" in v), None
+        )
     elif spec.model:
         model = model_from_config(spec.model, num_classes, inputs, f"{field_name}.model", spec.model_kwargs)
         if spec.weights:
@@ -116,6 +121,20 @@ def _check_trained_inputs(hparams: dict, inputs: dict[str, Any], field_name: str
             f"the teacher reads a vocabulary of {trained} tokens but the data's tokenizer has "
             f"{inputs['vocab_size']}; give the data the tokenizer the teacher was trained with "
             "(same data.tokenizer and data.vocab_size)",
+        )
+
+
+def check_teacher_vocabulary(teacher: nn.Module, datamodule: Any, field_name: str) -> None:
+    """Refuse data whose tokenizer differs from the one the teacher checkpoint was trained on."""
+    saved = (getattr(teacher, "kd_tokenizers", None) or {}).get("input_ids")
+    now = getattr(datamodule, "tokenizer_digests", None) or {}
+    current = now.get("teacher_input_ids", now.get("input_ids"))
+    if saved and current and saved != current:
+        raise ConfigError(
+            "data.tokenizer", getattr(datamodule, "tokenizer", None),
+            f"the teacher ({field_name}) was trained on another vocabulary (digest {saved}, the "
+            f"data's {current}); use the teacher run's data_dir or point data.tokenizer at its "
+            "tokenizer JSON (data_dir/tokenizers/)",
         )
 
 
