@@ -149,23 +149,46 @@ def _fmt(value: Any) -> str:
 def _machine_of(data: Any) -> Any:
     if not isinstance(data, dict):
         return None
-    for key in ("machine", "environment"):
+    for key in _MACHINE_KEYS:
         if key in data:
             return data[key]
     meta = data.get("meta")
     return _machine_of(meta) if isinstance(meta, dict) else None
 
 
-def _rows_of(data: Any) -> list[dict[str, Any]]:
+_MACHINE_KEYS = ("machine", "environment")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Scalars of nested dicts under dotted keys (``timing.median_s``)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _sections(data: Any) -> list[tuple[str, list[dict[str, Any]]]]:
+    """A JSON result as tables: one of its top-level scalars and dicts, one per list of
+    records (``rows``, ``runs``, ...)."""
     if isinstance(data, list):
-        return [r for r in data if isinstance(r, dict)]
-    if isinstance(data, dict):
-        for key in ("rows", "results", "records"):
-            if isinstance(data.get(key), list):
-                return _rows_of(data[key])
-        flat = {k: v for k, v in data.items() if not isinstance(v, (dict, list))}
-        return [flat] if flat else []
-    return []
+        return [("", [_flatten(r) for r in data if isinstance(r, dict)])]
+    if not isinstance(data, dict):
+        return [("", [{"value": data}])]
+    body = {k: v for k, v in data.items() if k not in _MACHINE_KEYS}
+    meta = body.pop("meta", None)
+    if isinstance(meta, dict):
+        body = {**{k: v for k, v in meta.items() if k not in _MACHINE_KEYS}, **body}
+    sections = []
+    summary = _flatten({k: v for k, v in body.items() if not isinstance(v, list)})
+    if summary:
+        sections.append(("", [summary]))
+    for key, value in body.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            sections.append((key, [_flatten(v) for v in value]))
+    return sections
 
 
 def results_page(results: Path = RESULTS) -> str:
@@ -186,7 +209,10 @@ def results_page(results: Path = RESULTS) -> str:
         lines += [f"## `{path.name}`", ""]
         if path.suffix == ".json":
             data = json.loads(path.read_text())
-            machine, rows = _machine_of(data), _rows_of(data)
+            lines += [_machine_line(_machine_of(data)), ""]
+            for title, rows in _sections(data):
+                lines += ([f"**{title}**", ""] if title else []) + [*_table(rows), ""]
+            continue
         else:
             with path.open(newline="") as fh:
                 rows = list(csv.DictReader(fh))

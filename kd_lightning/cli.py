@@ -119,8 +119,9 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLightningCLI
     argv = list(sys.argv[1:] if args is None else args)
     line = CommandLine.split(argv)
     if line is not None and line.subcommand in RUN_COMMANDS:
-        line = check_command_line(line)
-        argv = line.join()
+        checked = check_command_line(line)
+        if checked is not line:  # list-index flags were rewritten
+            argv, line = checked.join(), checked
     with warnings.catch_warnings():
         # explicit args from tests/notebooks are intended; Lightning warns if sys.argv is also set
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")

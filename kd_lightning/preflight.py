@@ -121,8 +121,15 @@ class CommandLine:
         return cls(argv[0], items)
 
     def join(self) -> list[str]:
-        return [self.subcommand, *(flag if key is None else f"{flag}={value}"
-                                   for flag, key, value in self.items)]
+        argv = [self.subcommand]
+        for flag, key, value in self.items:
+            if key is None:
+                argv.append(flag)
+            elif flag.startswith("--"):
+                argv.append(f"{flag}={value}")
+            else:  # `-c=file` would read as the value "=file"
+                argv += [flag, value]
+        return argv
 
     @property
     def config_files(self) -> list[str]:
@@ -234,6 +241,9 @@ def _index_of(parts: list[str]) -> int | None:
 
 
 def _yaml_value(raw: str) -> Any:
+    """A flag's value as jsonargparse reads it: YAML, or a config file for a group."""
+    if raw.endswith((".yaml", ".yml")) and Path(raw).is_file():
+        return load_config_file(raw)
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -274,8 +284,12 @@ def _set(config: dict[str, Any], parts: list[str], value: Any, field: str = "") 
     node: Any = config
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        if isinstance(node, list) and not part.isdigit():
+            if not node:
+                return
+            node = node[-1]  # `--trainer.callbacks.step=5` after `callbacks+=`: the last one
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if int(part) >= len(node):
                 raise ConfigError(field or ".".join(parts), value,
                                   f"{'.'.join(parts[:i])} has {len(node)} element(s): use an "
                                   f"index from 0 to {len(node) - 1}")

@@ -28,6 +28,7 @@ import pytest
 import tomllib
 
 from kd_lightning.cli import EXTRA_COMMANDS, RUN_COMMANDS, main
+from kd_lightning.errors import ConfigError
 from tests.conftest import DEBUG_TRAINER, REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -298,6 +299,8 @@ def test_the_harness_refuses_what_it_cannot_exercise(workdir):
         exercise(["curl", "https://example.org"], workdir)
     with pytest.raises(AssertionError, match="no extra 'gpu'"):
         exercise(["pip", "install", "-e", ".[gpu]"], workdir)
+    with _chdir(workdir), pytest.raises(ConfigError, match="no such config file"):
+        exercise(["kd-lightning", "fit", "-c", "configs/quickstart/kd.yml"], workdir)
 
 
 def test_site_builds_strict_offline(tmp_path, monkeypatch):
