@@ -64,7 +64,7 @@ def step(module: DistillationModule, opt: torch.optim.Optimizer, batch: dict) ->
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def main() -> None:

@@ -171,6 +171,21 @@ def decode(data: Tensor | np.ndarray | bytes, name: object, device: torch.device
         ) from None
 
 
+def _decode_batch_on_gpu(encoded: Sequence[Tensor], device: torch.device) -> list[Tensor] | None:
+    """All JPEGs of a batch in one batched nvJPEG call on a CUDA device; None elsewhere, or
+    when one of them is not a JPEG or fails (then each is decoded alone, and the bad one named)."""
+    if device.type != "cuda":
+        return None
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not all(_is_jpeg(d) for d in encoded):
+        return None
+    try:
+        return decode_jpeg([d.cpu() for d in encoded], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
 def _is_jpeg(data: Tensor) -> bool:
     return len(data) > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
 
@@ -193,9 +208,12 @@ class DeviceImageAugment:
         self, encoded: Sequence[Tensor], index: Tensor, view: Tensor, names: Sequence[object] | None = None,
     ) -> Tensor:
         device = index.device
+        decoded = _decode_batch_on_gpu(encoded, device)
         crops = []
         for k, (data, i, v) in enumerate(zip(encoded, index.tolist(), view.tolist())):
-            image = decode(data, names[k] if names is not None else f"sample index {i}", device)
+            image = decoded[k] if decoded is not None else decode(
+                data, names[k] if names is not None else f"sample index {i}", device
+            )
             if not self.augment:
                 x = TF.center_crop(TF.resize(image, [self.spec.resize], antialias=True), [self.spec.size] * 2)
             else:
@@ -403,6 +421,15 @@ class ImageDataMixin(ResumableTrainOrder):
 
     def _names(self, batch: dict[str, Any]) -> list[object] | None:
         return None
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # encoded images stay on the host: the GPU decoder reads host bytes itself
+        if isinstance(batch, dict) and isinstance(batch.get("image"), list):
+            rest = super().transfer_batch_to_device(  # type: ignore[misc]
+                {k: v for k, v in batch.items() if k != "image"}, device, dataloader_idx
+            )
+            return {"image": batch["image"], **rest}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         self.seed_step_rng()  # training randomness = f(seed, batch number): exact resume
