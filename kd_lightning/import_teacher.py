@@ -102,7 +102,10 @@ def import_teacher(path: str | Path, fmt: str, model: str, input_shape: tuple[in
     epoch = obj.get("epoch") if isinstance(obj, dict) else None
     return {
         "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
+        # as LightningCLI saves them, so `kd-lightning test --ckpt_path` rebuilds the module
+        "hyper_parameters": {"_class_path": "kd_lightning.modules.ClassifierModule",
+                             **dict(module.hparams),
+                             "_instantiator": "lightning.pytorch.cli.instantiate_module"},
         "epoch": int(epoch) - 1 if isinstance(epoch, int) and epoch > 0 else 0,  # 0-based here
         "global_step": 0,
         "pytorch-lightning_version": lightning.__version__,

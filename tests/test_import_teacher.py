@@ -64,6 +64,9 @@ def test_repdistiller_file_becomes_a_teacher_that_distils(repdistiller_file, cif
                 "-o", str(tmp_path / "t.ckpt")])
     ckpt = torch.load(out, weights_only=False)
     assert ckpt["hyper_parameters"]["model"] == "resnet8x4"
+    # as LightningCLI saves it: `kd-lightning test --ckpt_path` (the experiment's reused
+    # teacher) rebuilds the module from these
+    assert ckpt["hyper_parameters"]["_class_path"] == "kd_lightning.modules.ClassifierModule"
     assert ckpt["hyper_parameters"]["num_classes"] == 100
     assert ckpt["kd_imported_from"]["reported_accuracy"] == 79.42
     state = ckpt["state_dict"]

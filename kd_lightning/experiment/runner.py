@@ -172,7 +172,13 @@ class Experiment:
             args += ["-c", str(f)]
         args += [f"--seed_everything={seed}", f"--trainer.default_root_dir={run_dir}"]
         logger = self.loggers[stage.name]
-        if logger in ("csv", "tensorboard"):
+        if logger == "csv" and self._logger_entry(stage)[1] is None:
+            # no logger in any config: the CLI's default CSVLogger, spelled out in full
+            # (init_args alone do not reach a trainer default in every subcommand)
+            args.append("--trainer.logger=" + json.dumps({
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(run_dir), "name": "logs"}}))
+        elif logger in ("csv", "tensorboard"):
             args += [f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.logger.init_args.name=logs"]
         elif logger == "wandb":
             args += [
