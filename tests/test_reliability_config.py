@@ -147,7 +147,8 @@ def test_weights_negative_or_all_zero(mnist_teacher_ckpt):
 @pytest.mark.parametrize(("arg", "field"), [
     ("--data.batch_size=0", "data.batch_size"), ("--data.batch_size=-4", "data.batch_size"),
     ("--data.eval_batch_size=0", "data.eval_batch_size"),
-    ("--data.val_fraction=0", "data.val_fraction"), ("--data.val_fraction=1.0", "data.val_fraction"),
+    # val_fraction=0 is valid: the whole train split, no validation loop (published CIFAR protocol)
+    ("--data.val_fraction=-0.1", "data.val_fraction"), ("--data.val_fraction=1.0", "data.val_fraction"),
     ("--data.val_fraction=1.5", "data.val_fraction"),
 ])
 def test_batch_size_and_val_split_from_the_cli(tmp_path, mnist_teacher_ckpt, arg, field):
