@@ -498,3 +498,26 @@ def test_factor_transfer_warms_up_its_paraphraser_then_freezes_it():
     head(ModelOutput(torch.zeros(2, 3), {"a": f_s}),
          TeacherOutput([ModelOutput(torch.zeros(2, 3), {"b": f_t})]), {}).backward()
     assert all(p.grad is None for p in head.paraphraser.parameters())
+
+
+# -- pre-activation taps (FeatureTaps ":input") -----------------------------------------
+@pytest.mark.parametrize("arch", ["cifar", "torchvision"])
+def test_input_taps_give_pre_relu_block_outputs(arch):
+    from kd_lightning.modules.features import FeatureTaps
+
+    if arch == "cifar":
+        from kd_lightning.models.cifar_resnet import CifarResNet
+
+        model, tap, out, x = CifarResNet(8, (32, 64, 128, 256)), "layer3.0.relu:input", "layer3", (2, 3, 32, 32)
+    else:
+        from torchvision.models import resnet18
+
+        model, tap, out, x = resnet18(num_classes=5), "layer4.1.relu:input", "layer4", (2, 3, 64, 64)
+    model.eval()
+    taps = FeatureTaps(model, [tap, out], "student_layers")
+    feats = taps(torch.randn(*x)).features
+    pre, post = feats[tap], feats[out]
+    assert (pre < 0).any()  # captured before the in-place ReLU overwrote it
+    torch.testing.assert_close(pre.relu(), post)  # the block output is relu(pre-activation)
+    with pytest.raises(ConfigError, match=r"Closest: .*relu.*:input"):
+        FeatureTaps(model, [tap.replace("relu", "rellu")], "teacher_layers")
