@@ -4,6 +4,13 @@ A feature head compares the student's and one teacher's intermediate outputs, na
 module path (``layer3``, ``features.12``). Layers are given as lists that pair up by
 position: ``student_layers[i]`` is matched to ``teacher_layers[i]``; the head's value is
 the sum over pairs (as in RepDistiller, where a multi-layer method sums its groups).
+
+Subclasses do not repeat the shared constructor: they give their own default weight and
+keyword-only options and pass the rest up, e.g.
+``def __init__(self, weight: float = 1000.0, *, p: float = 2.0, **kwargs: Any)`` with
+``super().__init__(weight, **kwargs)``; jsonargparse follows ``**kwargs`` to this
+constructor, so YAML and the CLI still see every argument. A layer name ending in ``:input``
+taps the module's input, i.e. a pre-activation feature (``kd_lightning.modules.features``).
 """
 
 from __future__ import annotations
