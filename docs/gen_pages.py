@@ -202,8 +202,12 @@ def results_page(results: Path = RESULTS) -> str:
         "",
     ]
     files = sorted(p for p in results.glob("*") if p.suffix in (".csv", ".json")
-                   and not p.name.endswith(".machine.json"))
-    if not files:
+                   and not p.name.endswith(".machine.json")) if results.is_dir() else []
+    tables = sorted(results.glob("*.md")) if results.is_dir() else []
+    if tables:  # written as Markdown by their scripts: pages of their own
+        lines += ["Result tables written as Markdown by their scripts:", ""]
+        lines += [f"- [`{p.name}`](results/{p.name})" for p in tables] + [""]
+    if not files and not tables:
         lines.append("No result files yet.")
     for path in files:
         lines += [f"## `{path.name}`", ""]
