@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import re
 import shlex
@@ -220,8 +221,15 @@ def python(args: list[str]) -> str:
             dry_parse(module.main)
         return f"parsed {args[1]}"
     assert args and args[0].endswith(".py"), f"cannot exercise python {args}"
-    assert (REPO / args[0]).is_file(), args[0]
-    return "script exists"
+    script = REPO / args[0]
+    assert script.is_file(), args[0]
+    spec = importlib.util.spec_from_file_location(f"docs_script_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a script's work sits under `if __name__ == "__main__"`
+    assert hasattr(module, "main"), f"{args[0]} has no main() whose arguments could be parsed"
+    with _argv([args[0], *args[1:]]):
+        dry_parse(module.main)
+    return f"parsed {args[0]}"
 
 
 @contextlib.contextmanager
@@ -341,3 +349,25 @@ def test_site_builds_strict_offline(tmp_path, monkeypatch):
         if path.suffix in (".csv", ".json") and not path.name.endswith(".machine.json"):
             assert path.name in results
     assert results.count("Machine") >= len(list((REPO / "docs" / "results").glob("*.csv"))), results
+
+
+def test_results_page_renders_each_file_with_its_machine(tmp_path):
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        import gen_pages
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "speed.json").write_text(
+        '{"machine": {"cpu_model": "AMD EPYC", "nproc": 2}, "rows": [{"mode": "cached", "ratio": 0.31}]}')
+    (results / "heads.csv").write_text("head,acc\nkd,0.91\n")
+    (results / "heads.machine.json").write_text('"Intel Xeon, 4 cores"')
+    (results / "bare.csv").write_text("a\n1\n")
+    page = gen_pages.results_page(results)
+    speed, heads, bare = (page.split(f"## `{name}`")[1].split("## ")[0]
+                          for name in ("speed.json", "heads.csv", "bare.csv"))
+    assert "Machine: cpu_model AMD EPYC, nproc 2" in speed and "| cached | 0.31 |" in speed
+    assert "Machine: Intel Xeon, 4 cores" in heads and "| kd | 0.91 |" in heads
+    assert "not recorded" in bare
+    assert "heads.machine.json" not in page
