@@ -9,6 +9,7 @@ The references are written as the equations read (explicit loops over samples/cl
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -521,3 +522,28 @@ def test_input_taps_give_pre_relu_block_outputs(arch):
     torch.testing.assert_close(pre.relu(), post)  # the block output is relu(pre-activation)
     with pytest.raises(ConfigError, match=r"Closest: .*relu.*:input"):
         FeatureTaps(model, [tap.replace("relu", "rellu")], "teacher_layers")
+
+
+# -- the reproduction configs of these methods parse alone --------------------------------
+REPRO_PAIR = Path(__file__).resolve().parents[1] / "configs/repro/cifar100/resnet32x4_resnet8x4"
+MODERN = ["kd_ls", "dkd_ls", "mlkd", "mlkd_ls", "ctkd", "dist", "wttm", "kd_dot", "reviewkd", "ofd",
+          "vid", "kdsvd", "ab", "fsp", "ft", "cc"]
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_repro_config_parses_alone_and_cites_its_target(name):
+    import contextlib
+    import io
+
+    import yaml
+
+    from kd_lightning.cli import main
+
+    path = REPRO_PAIR / f"{name}.yaml"
+    assert "# target: " in path.read_text()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(out.getvalue())
+    assert printed["model"]["init_args"]["student"] == "resnet8x4"
