@@ -365,7 +365,10 @@ def test_ab_matches_the_boundary_hinge():
         conn.proj[0].weight.data = torch.eye(3)[:, :, None, None]
         conn.proj.eval()
         conn.proj[1].running_var.fill_(1 - 1e-5)
-    loss, _ = _feat_run(head, {"a": s1, "c": s2}, {"b": t1, "d": t2})
+    loss, grad = _feat_run(head, {"a": s1, "c": s2}, {"b": t1, "d": t2})
+    # d/ds of the hinge, by hand: 2(s+m) where pushed down, 2(s-m) where pushed up
+    g = 2 * (s1 + 0.5) * ((t1 <= 0) & (s1 > -0.5)) + 2 * (s1 - 0.5) * ((t1 > 0) & (s1 <= 0.5))
+    torch.testing.assert_close(grad, g * 2.0 ** -1 / 2 / 1000 * 3)
     want = 0.0
     for i, (s, t) in enumerate([(s1, t1), (s2, t2)]):
         part = 0.0
@@ -424,8 +427,12 @@ def test_ofd_partial_l2_with_the_running_margin():
     head.connectors[0].proj.eval()
     head.connectors[0].proj[1].running_var.fill_(1 - 1e-5)
     assert head.margin(0).abs().sum() == 0  # no negatives seen yet
-    loss, _ = _feat_run(head, {"a": f_s}, {"b": f_t})
+    loss, grad = _feat_run(head, {"a": f_s}, {"b": f_t})
     margin = [float(f_t[:, c][f_t[:, c] < 0].mean()) for c in range(3)]  # E[t | t < 0]
+    m = torch.tensor(margin).view(1, 3, 1, 1)
+    g = (2 * (f_s - m) * ((f_s > m) & (f_t <= m)) + 2 * (f_s - f_t) * ((f_s > f_t) & (f_t > m) & (f_t <= 0))
+         + 2 * (f_s - f_t) * (f_t > 0)) / 2
+    torch.testing.assert_close(grad, g)
     torch.testing.assert_close(head.margin(0), torch.tensor(margin))
     want = 0.0
     for n in range(2):
