@@ -81,7 +81,8 @@ class BundledMNISTDataModule(KDDataModule):
             labels, [self.val_fraction, self.test_fraction], self.seed
         )
         self.train_set = self._train_dataset(images, labels, train_idx)
-        self.val_set = self._dataset(images, labels, val_idx, train=False)
+        # no val split (val_fraction 0): no validation loop, as in KDDataModule.setup
+        self.val_set = self._dataset(images, labels, val_idx, train=False) if len(val_idx) else None
         self.test_set = self._dataset(images, labels, test_idx, train=False)
 
 
