@@ -413,6 +413,10 @@ def check_value(field: str, value: Any, annotation: Any) -> ConfigError | None:
     classes = _classes_in(annotation)
     if isinstance(value, dict) and "class_path" in value and classes:
         return check_class_spec(field, value, classes)
+    if isinstance(value, dict) and "init_args" in value and classes and not _accepts(annotation, value):
+        examples = _public_subclasses(classes)[:3]
+        return ConfigError(f"{field}.init_args", value["init_args"],
+                           f"{field} has no class yet: set {field}.class_path too, e.g. {examples}")
     if isinstance(value, list) and classes and any(isinstance(v, dict) for v in value):
         for i, item in enumerate(value):
             found = check_value(f"{field}.{i}", item, annotation_of_items(annotation))

@@ -51,6 +51,11 @@ CASES = [  # (flag, field, fragments of the message)
     ("--seed_everything=abc", "seed_everything", ["expected bool | int"]),
     ("--test_after_fit=maybe", "test_after_fit", ["expected bool"]),
     ("--max_epochs=3", "max_epochs", ["no such option", "trainer"]),
+    ("--model.init_args.lr_scheduler.init_args.gamma=half", "model.init_args.lr_scheduler.init_args",
+     ["set model.init_args.lr_scheduler.class_path too", "torch.optim.lr_scheduler."]),
+    ("--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.EarlyStopping, "
+     "init_args: {patience: soon}}]", "trainer.callbacks.0.init_args.patience", ["expected int"]),
+    ("--trainer.precision=17", "trainer.precision", ["expected", "bf16-mixed"]),
 ]
 
 
