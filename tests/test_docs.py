@@ -371,3 +371,13 @@ def test_results_page_renders_each_file_with_its_machine(tmp_path):
     assert "Machine: Intel Xeon, 4 cores" in heads and "| kd | 0.91 |" in heads
     assert "not recorded" in bare
     assert "heads.machine.json" not in page
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    readme = read_page(REPO / "README.md").commands
+    ci = simple_commands((REPO / ".ci" / "run").read_text())
+    installs = [c for c in readme if c[0] == "pip"]
+    tests = [c for c in readme if c[:3] == ["python", "-m", "pytest"]]
+    assert installs and len(tests) == 1
+    assert [c for c in ci if c[0] == "pip"] == installs
+    assert [c for c in ci if c[:3] == ["python", "-m", "pytest"]] == tests
