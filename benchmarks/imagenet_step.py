@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.teacher_store import _Data, machine
+from benchmarks.teacher_store import _Data, calibrate_bn, machine
 from kd_lightning.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, CropSpec, DeviceImageAugment
 from kd_lightning.losses.outputs import ModelOutput
 from kd_lightning.models import create_model
@@ -53,7 +53,9 @@ def encoded_batches(n: int, batch: int, size: int = 320) -> list[list[torch.Tens
 def run(args: argparse.Namespace, device: torch.device, bf16: bool, channels_last: bool, compile_: bool) -> dict:
     torch.manual_seed(0)
     student = create_model("tv:resnet18", 1000, 3).to(device)
-    teacher = freeze(create_model("tv:resnet34", 1000, 3)).to(device)
+    teacher = create_model("tv:resnet34", 1000, 3)
+    calibrate_bn(teacher, [torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))])
+    teacher = freeze(teacher).to(device)
     if channels_last:
         student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
     if compile_:

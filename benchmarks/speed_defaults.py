@@ -7,7 +7,8 @@ setting on the same batches, in turn — so machine load drifts affect all setti
 the result per setting is the median s/step over rounds, and each setting's ratio to
 all-off is the median of its per-round ratios. "Same results" is checked too: the loss of
 every step must match all-off's to float tolerance (channels_last changes only the
-memory layout, not the math).
+memory layout, not the math). The untrained teacher's BatchNorm statistics are set from a
+batch first (``calibrate_bn``), so it behaves like a trained network numerically.
 
     python -m benchmarks.speed_defaults --out docs/results/speed_defaults_cpu.json
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.teacher_store import machine
+from benchmarks.teacher_store import calibrate_bn, machine
 from kd_lightning.losses import CrossEntropy, KLDivergence
 from kd_lightning.losses.outputs import ModelOutput
 from kd_lightning.modules import DistillationModule
@@ -53,6 +54,7 @@ def build(setting: tuple[bool, bool, str]) -> tuple[DistillationModule, torch.op
     if teacher_cl:
         for t in module.teachers:
             Performance(channels_last=True).apply(t, "teacher")
+    calibrate_bn(module.teacher, [torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))])
     module.train()
     return module, torch.optim.SGD(module.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -97,6 +99,7 @@ def main() -> None:
             t0 = time.perf_counter()
             losses[name] += [step(module, opt, b) for b in batches]
             times[name].append((time.perf_counter() - t0) / args.steps)
+            print(f"round {r} {name}: {times[name][-1]:.4f} s/step", flush=True)
     base = "off" if "off" in times else next(iter(times))
     result = {"machine": machine(), "threads": torch.get_num_threads(), "batch": args.batch,
               "steps_per_round": args.steps, "rounds": args.rounds, "settings": {}}

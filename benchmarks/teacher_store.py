@@ -67,6 +67,22 @@ def machine() -> dict[str, str]:
             "nproc": str(os.cpu_count()), "cpu_model": model, "torch": torch.__version__}
 
 
+@torch.no_grad()
+def calibrate_bn(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """Set an untrained network's BatchNorm running statistics from a few batches (cumulative
+    average), as training would. Without this, eval-mode BN of a fresh network normalises
+    with mean 0 / var 1, activations grow layer by layer and the step times measure
+    denormal/overflow arithmetic and one-hot outputs instead of a real teacher."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    torch.nn.Module.train(model, True)  # frozen teachers ignore .train(); BN needs train mode
+    for x in batches:
+        model(x)
+    torch.nn.Module.train(model, False)
+
+
 def images(args: argparse.Namespace, n: int) -> torch.Tensor:
     if args.data_dir:
         dm = ImageFolderDataModule(args.data_dir, val_dir=args.val_dir, num_workers=0, batch_size=n)
@@ -107,6 +123,8 @@ def main() -> None:
 
     teacher = build_teacher(TeacherSpec(model=args.teacher, weights=args.weights), args.num_classes, 3, "teacher")
     x = images(args, max(args.kl_images, args.batch))
+    if args.weights is None:
+        calibrate_bn(teacher, [x[:8]])
     with torch.inference_mode():
         logits = torch.cat([teacher(x[i : i + args.batch]) for i in range(0, args.kl_images, args.batch)])
     result: dict = {
