@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from collections.abc import Iterable
+from typing import NoReturn
 
 
 class ConfigError(ValueError):
@@ -21,3 +23,11 @@ def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     if not found:  # fall back to substring matches so 'layer9' still suggests 'layer3'
         found = [c for c in choices if name.split(".")[0] in c][:n]
     return found
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose bad input is a one-line ``ConfigError`` (the console script
+    prints it and exits 2), not a usage dump. Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError("command line", message, f"see `{self.prog} --help`")

@@ -21,7 +21,6 @@ reported with both names and shapes. The result is a ClassifierModule checkpoint
 
 from __future__ import annotations
 
-import argparse
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import lightning
 import torch
 from torch import Tensor
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import ConfigError, OneLineArgumentParser
 
 FORMATS = ("repdistiller", "mdistiller")
 
@@ -125,7 +124,7 @@ def _accuracy(obj: Any) -> float | None:
 
 
 def main(argv: list[str]) -> Path:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="kd-lightning import-teacher",
         description="Turn a RepDistiller/mdistiller teacher .pth into a kd-lightning teacher "
         "checkpoint (for teacher.checkpoint in KD configs).",

@@ -129,3 +129,19 @@ def test_console_prints_one_line_exit_2_no_traceback(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["kd-lightning: error: trainer.max_epochs='ten' is invalid: expected int | None"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["import-teacher"], "arguments are required: file, --format, --model"),
+        (["import-teacher", "t.pth", "--format", "repdistiller", "--model", "resnet8", "--bogus"],
+         "unrecognized arguments: --bogus"),
+        (["experiment", "--name", "x"], "arguments are required"),
+        (["experiment", "-c", str(CONFIGS / "experiments" / "smoke.yaml"), "--seeds=many"], "seeds"),
+    ],
+    ids=["import-teacher-missing", "import-teacher-unknown", "experiment-missing", "experiment-type"],
+)
+def test_subcommands_answer_bad_input_in_one_line(argv, fragment):
+    err = error_of(argv)
+    assert fragment in str(err)

@@ -15,6 +15,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.preflight import parse_or_config_error
 
 
 @dataclass
@@ -93,6 +94,7 @@ def build_parser() -> ArgumentParser:
         "results table (best-val, last and best-on-test epoch, mean ± std, beside the published "
         "numbers) and plots.",
         default_env=False,
+        exit_on_error=False,
     )
     p.add_argument("-c", "--config", action=ActionConfigFile, help="the experiment YAML file")
     p.add_argument("--name", type=str, required=True, help="experiment name (W&B group)")
@@ -123,7 +125,7 @@ def build_parser() -> ArgumentParser:
 
 def parse_spec(argv: list[str]) -> ExperimentSpec:
     """Parse ``kd-lightning experiment`` arguments into a checked ``ExperimentSpec``."""
-    cfg = build_parser().parse_args(argv).as_dict()
+    cfg = parse_or_config_error(build_parser(), argv, "experiment").as_dict()
     files = cfg.pop("config", None) or []
     source = Path(str(files[-1])).resolve().parent if files else None
     spec = ExperimentSpec(
