@@ -22,6 +22,7 @@ import torch
 from kd_lightning.data.base import KDDataModule
 from kd_lightning.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule
 from kd_lightning.data.mnist import MNIST_MEAN, MNIST_STD
+from kd_lightning.machine import machine_line
 
 #: teacher → student pairs the issue asks for
 PAIRS: dict[str, dict[str, Any]] = {
@@ -232,9 +233,4 @@ def report(name: str, ratios_wall: list[float], ratios_cpu: list[float], target:
 
 
 def machine() -> str:
-    import platform
-
-    return (
-        f"torch {torch.__version__}, lightning {L.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} thread(s), cuda={torch.cuda.is_available()}"
-    )
+    return machine_line()

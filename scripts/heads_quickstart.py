@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
+
+from kd_lightning.machine import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart"
@@ -40,16 +39,8 @@ NOT_HEADS = {"multi_teacher"}
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"# machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{datetime.date.today().isoformat()}; one seed (0) per row")
+    return (f"# machine: {machine_line()}, {datetime.date.today().isoformat()}; "
+            "one seed (0) per row")
 
 
 def cli(*args: str) -> float:

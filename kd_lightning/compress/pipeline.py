@@ -25,7 +25,6 @@ import functools
 import inspect
 import itertools
 import json
-import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ from kd_lightning.compress.report import (
     write_csv,
 )
 from kd_lightning.errors import ConfigError
+from kd_lightning.machine import cpu_model
 from kd_lightning.models import create_model
 from kd_lightning.modules.teacher import TeacherSpec, build_teacher
 from kd_lightning.preflight import parse_or_config_error
@@ -290,22 +290,12 @@ def _export(
     return checks
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _write(
     rows: list[ModelReport], exports: list[ExportCheck], out: Path, src: StudentSource, checkpoint: str,
     bench: BenchmarkConfig, quantize: QuantizeConfig, prune: PruneConfig, finetune: FinetuneConfig,
 ) -> dict[str, str]:
     env = (
-        f"CPU: {_cpu_name()}; torch {torch.__version__}, {bench.threads} thread(s), int8 backend "
+        f"CPU: {cpu_model()}; torch {torch.__version__}, {bench.threads} thread(s), int8 backend "
         f"{quantize.backend}; latency = median of {bench.repeats} forwards after {bench.warmup} warm-up, "
         "all models timed round-robin"
     )

@@ -54,6 +54,7 @@ from kd_lightning.experiment.spec import (
     parse_spec,
     resolve_path,
 )
+from kd_lightning.machine import machine_info
 from kd_lightning.tracking import git_revision, log_experiment_to_wandb, log_summary, wandb_settings
 
 PROGRESS = f"{ProgressCallback.__module__}.{ProgressCallback.__qualname__}"
@@ -103,7 +104,7 @@ class Experiment:
             "teacher_checkpoint": records[0]["best_ckpt"],
             "wall_seconds_this_invocation": round(time.perf_counter() - t0, 1),
             "run_seconds_total": round(sum(r.get("seconds") or 0 for r in records), 1),
-            "torch": torch.__version__, **git_revision(),
+            "machine": machine_info(), **git_revision(),
         }
         paths = write_results(rows, records, self.out, meta)
         print(f"\n[{spec.name}] results ({len(records)} runs, {meta['run_seconds_total']:.0f} s of "
