@@ -105,3 +105,22 @@ def test_dot_fits_through_the_cli(mnist_teacher_ckpt, tmp_path):
     buffers = [set(s) for s in opt_state["state"].values()]
     assert buffers and all(b == {"task_momentum", "kd_momentum"} for b in buffers), buffers
     assert opt_state["param_groups"][0]["delta"] == 0.075
+
+
+def test_dot_with_zero_delta_is_sgd_on_the_summed_loss():
+    """Δ = 0: both buffers share the momentum, and their sum is SGD's buffer of the total."""
+    g = torch.Generator().manual_seed(2)
+    init = [torch.randn(4, 3, generator=g), torch.randn(3, 2, generator=g), torch.randn(3, generator=g)]
+    xs = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    a = [p.clone().requires_grad_() for p in init]
+    b = [p.clone().requires_grad_() for p in init]
+    dot = DOT(a, lr=LR, momentum=MU, delta=0.0, weight_decay=WD)
+    sgd = torch.optim.SGD(b, lr=LR, momentum=MU, weight_decay=WD)
+    for x in xs:
+        dot.zero_grad()
+        dot.step(lambda x=x: dot.split_backward(*_losses(*a, x)))
+        sgd.zero_grad()
+        sum(_losses(*b, x)).backward()
+        sgd.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
