@@ -9,7 +9,7 @@
 # with a larger global batch instead, scale the lr with it (lr = 0.2 x global / 512), e.g.
 # --data.init_args.batch_size=64 --model.init_args.optimizer.init_args.lr=0.4.
 # CRD configs use 32 per GPU x 8 (256, lr 0.1): pass PER_GPU_BATCH=16 for them.
-# Without internet on the nodes: copy the torchvision teacher weights to weights/ first (see the config).
+# Without internet on the nodes: copy the torchvision teacher weights into $TORCH_HOME/hub/checkpoints first (see the config).
 # The same run without SLURM, on each node (NODE_RANK 0 and 1, MASTER_ADDR = node 0):
 #   torchrun --nnodes 2 --nproc_per_node 8 --node_rank $NODE_RANK --master_addr $MASTER_ADDR \
 #     --master_port 29500 -m kd_lightning fit -c <config> --trainer.num_nodes=2 --data.init_args.batch_size=32

@@ -178,8 +178,21 @@ def test_torchvision_resnet18_builds_offline_for_one_channel(monkeypatch):
     assert out.features["layer4"].shape == (2, 512, 1, 1)
     # the embedding hook point adds no weights: torchvision's state_dict names are unchanged
     assert "fc.weight" in model.state_dict() and not any("embedding" in k for k in model.state_dict())
-    with pytest.raises(ConfigError, match="untrained"):
-        create_model("tv:resnet18", num_classes=10, weights="DEFAULT")
+
+
+def test_torchvision_pretrained_weights_load_by_name_from_the_hub_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="missing and runs never download"):
+        create_model("tv:resnet18", num_classes=1000, weights="IMAGENET1K_V1")
+    saved = create_model("tv:resnet18", num_classes=1000).state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)  # the file torchvision would cache
+    torch.save(saved, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    loaded = create_model("tv:resnet18", num_classes=1000, weights="DEFAULT").state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with pytest.raises(ConfigError, match="1000 classes"):
+        create_model("tv:resnet18", num_classes=10, weights="IMAGENET1K_V1")
+    with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
+        create_model("tv:resnet18", num_classes=1000, weights="IMAGENET9K")
 
 
 def test_torchvision_models_with_a_features_trunk():

@@ -1,8 +1,11 @@
 """``tv:<name>``: any torchvision classification model, by name, built offline.
 
 ``model: tv:resnet18`` builds ``torchvision.models.get_model("resnet18", weights=None,
-num_classes=...)``: always untrained, so no run ever downloads anything (load trained weights
-with ``teacher.weights`` instead). The first convolution is rebuilt when the data has a
+num_classes=...)``, untrained. ``model_kwargs: {weights: IMAGENET1K_V1}`` (any name of the
+model's weights enum, or ``DEFAULT``) loads torchvision's pretrained weights from the torch hub
+cache (``$TORCH_HOME/hub/checkpoints``): a run never downloads, so a cluster without internet
+works once the file is copied there, and a missing file is a one-line error that says how to
+fetch it. The first convolution is rebuilt when the data has a
 different number of channels (e.g. 1 for MNIST), and extra builder arguments pass through
 ``model_kwargs`` (e.g. ``{image_size: 32}`` for ``tv:vit_b_16``).
 
@@ -62,20 +65,56 @@ def resolve(name: str) -> Builder:
 def build(name: str, num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> nn.Module:
     from torchvision import models
 
-    if kwargs.pop("weights", None) is not None:
-        raise ConfigError(
-            "model_kwargs.weights", "set",
-            "tv: models are always built untrained (weights=None) so that runs never download; "
-            "save a trained state_dict and load it with teacher.weights",
-        )
+    weights = kwargs.pop("weights", None)
     if name in _AUX_LOGITS:  # plain logits in training too, and no init-change warning
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)
     model = models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if weights is not None:
+        load_pretrained(model, name, str(weights), num_classes, in_channels)
     adapt_input_channels(model, in_channels, f"tv:{name}")
     embedding = attach_embedding(model, num_classes)
     model.feature_layers = (*stage_outputs(model), *([embedding] if embedding else []))
     return model
+
+
+def load_pretrained(model: nn.Module, name: str, weights: str, num_classes: int, in_channels: int) -> None:
+    """torchvision's pretrained ``weights`` (an enum member name) for ``model``, read from
+    the torch hub cache only."""
+    import os
+
+    import torch
+    from torchvision import models
+
+    enum = models.get_model_weights(name)
+    if weights not in enum.__members__:
+        raise ConfigError(
+            "model_kwargs.weights", weights,
+            f"tv:{name} has the weights {sorted(enum.__members__)}",
+        )
+    entry = enum[weights]
+    classes = len(entry.meta.get("categories") or [])
+    if classes and (classes != num_classes or in_channels != 3):
+        raise ConfigError(
+            "model_kwargs.weights", weights,
+            f"they classify {classes} classes from RGB images, but the data has {num_classes} "
+            f"classes and {in_channels} channel(s); use data with the same classes (ImageNet)",
+        )
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(entry.url))
+    if not os.path.isfile(path):
+        raise ConfigError(
+            "model_kwargs.weights", weights,
+            f"{path} is missing and runs never download. On a machine with internet run "
+            f"`python -c \"import torchvision; torchvision.models.get_weight('{type(entry).__name__}."
+            f"{weights}').get_state_dict()\"` and copy the file there (or set TORCH_HOME)",
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(
+            "model_kwargs.weights", path, f"the file does not fit tv:{name} ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def adapt_input_channels(model: nn.Module, in_channels: int, label: str) -> None:
