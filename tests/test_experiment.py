@@ -193,3 +193,25 @@ def test_reliability_bins_match_torchmetrics_ece() -> None:
     ours = reliability_bins(probs, labels, n_bins=15)["ece"]
     ref = MulticlassCalibrationError(10, n_bins=15, norm="l1")(probs, labels)
     assert ours == pytest.approx(float(ref), abs=1e-5)
+
+
+def test_test_predictions_read_text_batches_by_the_models_input_keys():
+    """The runner's agreement/plots predictions go through the same batch convention as the
+    modules (a text model reads input_ids + attention_mask, not image)."""
+    from kd_lightning.experiment.runner import _predict
+    from kd_lightning.modules import ClassifierModule
+
+    module = ClassifierModule(model="bag_of_embeddings", num_classes=2, input_shape=(8,),
+                              vocab_sizes={"input_ids": 30})
+    ids = torch.randint(1, 30, (5, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "label": torch.tensor([0, 1, 0, 1, 1])}
+
+    class Data:
+        def test_dataloader(self):
+            return [batch, batch]
+
+    probs, labels = _predict(module, Data())
+    assert probs.shape == (10, 2) and torch.allclose(probs.sum(1), torch.ones(10))
+    expected = module(ids, torch.ones_like(ids)).softmax(1)
+    torch.testing.assert_close(probs[:5], expected.detach())
+    assert labels.tolist() == batch["label"].tolist() * 2

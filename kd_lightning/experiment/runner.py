@@ -55,6 +55,7 @@ from kd_lightning.experiment.spec import (
     resolve_path,
 )
 from kd_lightning.machine import machine_info
+from kd_lightning.modules.inputs import model_inputs
 from kd_lightning.tracking import git_revision, log_experiment_to_wandb, log_summary, wandb_settings
 
 PROGRESS = f"{ProgressCallback.__module__}.{ProgressCallback.__qualname__}"
@@ -397,8 +398,11 @@ def _predict(model: torch.nn.Module, dm: Any) -> tuple[torch.Tensor, torch.Tenso
     model.eval()
     device = next(model.parameters()).device
     probs, labels = [], []
+    # the trained network reads the batch as every module does (kd_lightning.modules.inputs)
+    net, role = (model.student, "student") if hasattr(model, "student") else (model.model, "model")
     for batch in dm.test_dataloader():
-        probs.append(model(batch["image"].to(device)).float().softmax(dim=1).cpu())
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        probs.append(model(*model_inputs(net, batch, role)).float().softmax(dim=1).cpu())
         labels.append(batch["label"].cpu())
     return torch.cat(probs), torch.cat(labels)
 
