@@ -95,6 +95,7 @@ class SyntheticData(KDDataModule):
         super().__init__(*args, **kwargs)
         self.input_shape = tuple(shape)
         self.num_images = num_images
+        self.crop_padding_mode = "constant"  # CIFAR10DataModule.augmentations reads it
         cifar = self.input_shape == (3, 32, 32)
         self.mean, self.std = (CIFAR10_MEAN, CIFAR10_STD) if cifar else (MNIST_MEAN, MNIST_STD)
 

@@ -118,9 +118,9 @@ def test_feature_head_without_layers_fails_before_training(mnist_teacher_ckpt, t
 def test_new_head_is_one_file_plus_one_yaml(mnist_teacher_ckpt, tmp_path, monkeypatch):
     """The README's worked example ("How to add a new head"), verbatim, from outside the package."""
     doc = (CONFIGS.parent / "README.md").read_text()
-    section = doc.split("### How to add a new head")[1]
-    code = section.split("```python\n")[1].split("```")[0]
-    config = section.split("```yaml\n")[1].split("```")[0]
+    section = doc.split("## Add a loss head")[1]
+    code = section.split('```python title="my_heads.py"\n')[1].split("```")[0]
+    config = section.split('```yaml title="cos.yaml"\n')[1].split("```")[0]
     (tmp_path / "my_heads.py").write_text(code)
     (tmp_path / "cos.yaml").write_text(config)
     monkeypatch.syspath_prepend(str(tmp_path))
