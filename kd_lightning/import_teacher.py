@@ -29,6 +29,7 @@ import lightning
 import torch
 from torch import Tensor
 
+from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.errors import ConfigError, OneLineArgumentParser
 
 FORMATS = ("repdistiller", "mdistiller")
@@ -84,13 +85,7 @@ def import_teacher(path: str | Path, fmt: str, model: str, input_shape: tuple[in
 
     if fmt not in FORMATS:
         raise ConfigError("--format", fmt, f"use one of {', '.join(FORMATS)}")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("file", str(path), "no such file: give the path of the .pth to import")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated, not a torch file
-        raise ConfigError("file", str(path), f"cannot read it ({type(err).__name__}: {err})") from None
+    obj = read_checkpoint(path, "file", "give the path of the .pth to import")
     theirs = reference_state(obj, fmt)
     if num_classes is None:  # the classifier's bias is the last 1-d tensor before the end
         biases = [v for k, v in theirs.items() if k.endswith("bias") and v.ndim == 1]
@@ -108,7 +103,7 @@ def import_teacher(path: str | Path, fmt: str, model: str, input_shape: tuple[in
         "epoch": int(epoch) - 1 if isinstance(epoch, int) and epoch > 0 else 0,  # 0-based here
         "global_step": 0,
         "pytorch-lightning_version": lightning.__version__,
-        "kd_imported_from": {"file": str(p), "format": fmt,
+        "kd_imported_from": {"file": str(Path(path)), "format": fmt,
                              "reported_accuracy": _accuracy(obj)},
     }
 

@@ -145,3 +145,8 @@ def test_console_prints_one_line_exit_2_no_traceback(tmp_path):
 def test_subcommands_answer_bad_input_in_one_line(argv, fragment):
     err = error_of(argv)
     assert fragment in str(err)
+
+
+def test_data_subcommand_answers_bad_input_in_one_line():
+    err = error_of(["data", "optimize"])  # --output_dir is required
+    assert "--output_dir" in str(err) and "kd-lightning data optimize --help" in str(err)

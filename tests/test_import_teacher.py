@@ -115,5 +115,5 @@ def test_errors_name_the_field_and_the_tensor(repdistiller_file, tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         import_teacher(tmp_path / "missing.pth", "repdistiller", "resnet8x4")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="corrupt or truncated"):
         import_teacher(tmp_path / "junk.pth", "repdistiller", "resnet8x4")

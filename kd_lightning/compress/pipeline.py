@@ -36,6 +36,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.compress.export import (
     ExportCheck,
     ExportConfig,
@@ -96,13 +97,7 @@ class CompressResult:
 
 def load_student(checkpoint: str) -> StudentSource:
     """Read a DistillationModule (``student.*``) or ClassifierModule (``model.*``) checkpoint."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ConfigError("checkpoint", checkpoint, "no such file: distil a student first (kd-lightning fit)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ConfigError("checkpoint", checkpoint, f"cannot read it ({type(err).__name__}: {err})") from None
+    ckpt = read_checkpoint(checkpoint, "checkpoint", "distil a student first (kd-lightning fit)")
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "student" in hp:
         name, kwargs, prefix = hp["student"], hp.get("student_kwargs"), "student."

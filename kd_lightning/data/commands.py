@@ -29,11 +29,11 @@ from typing import Any
 import torch
 import yaml
 
-from kd_lightning.errors import ConfigError
+from kd_lightning.errors import ConfigError, OneLineArgumentParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kd-lightning data", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="kd-lightning data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     opt = sub.add_parser("optimize", help="convert a dataset to LitData's streaming format")
     opt.add_argument("-c", "--config", help="a kd-lightning YAML with a data: section")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry of ``kd-lightning data``; a ``ConfigError`` propagates to the console script,
-    which prints it as one line and exits 2 (argparse exits 2 on bad flags itself). Returns
+    which prints it as one line and exits 2 (bad flags too, through OneLineArgumentParser). Returns
     the written dataset's description (optimize) or the TeacherStore (store-teacher)."""
     args = _parser().parse_args(argv)
     if args.command == "optimize":

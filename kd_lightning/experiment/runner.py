@@ -44,6 +44,7 @@ import torch
 import yaml
 
 from kd_lightning.callbacks.test_every_epoch import TestEveryEpoch
+from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.errors import ConfigError
 from kd_lightning.experiment.progress import ProgressCallback
 from kd_lightning.experiment.results import aggregate, text_table, write_results
@@ -427,10 +428,7 @@ def _param_count(model: torch.nn.Module) -> int:
 
 
 def _load_ckpt(path: Path, field: str) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise ConfigError(field, str(path), f"cannot read this checkpoint ({type(err).__name__}: {err})") from None
+    return read_checkpoint(path, field, "train the teacher first or fix the path", mmap=True)
 
 
 def _finished(run_dir: Path, key: str) -> dict[str, Any] | None:
