@@ -235,3 +235,15 @@ def report(name: str, ratios_wall: list[float], ratios_cpu: list[float], target:
 
 def machine() -> str:
     return machine_line()
+
+
+def write_result(result: dict[str, Any], out: str | None) -> None:
+    """Print a benchmark's result as JSON and, with ``--json``/``--out``, write it to a file
+    (the docs render files under docs/results/)."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -18,19 +18,19 @@ On a GPU it also times bf16-mixed + channels_last, with ``torch.compile`` off an
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.teacher_store import _Data, calibrate_bn, machine
+from benchmarks._common import write_result
+from benchmarks.teacher_store import _Data, calibrate_bn
 from kd_lightning.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, CropSpec, DeviceImageAugment
 from kd_lightning.losses.outputs import ModelOutput
+from kd_lightning.machine import machine_info
 from kd_lightning.models import create_model
 from kd_lightning.modules.teacher import freeze
 from kd_lightning.modules.teacher_store import TeacherStore
@@ -135,7 +135,7 @@ def main() -> None:
     settings = [(False, False, False)]
     if device.type == "cuda":
         settings += [(True, True, False), (True, True, True)]
-    result = {"machine": machine(), "device": str(device), "batch": args.batch, "k": args.k,
+    result = {"machine": machine_info(), "device": str(device), "batch": args.batch, "k": args.k,
               "threads": torch.get_num_threads(), "runs": []}
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
@@ -143,10 +143,7 @@ def main() -> None:
         row = run(args, device, bf16, cl, comp)
         print(row, flush=True)
         result["runs"].append(row)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

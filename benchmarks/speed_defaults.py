@@ -16,16 +16,16 @@ batch first (``calibrate_bn``), so it behaves like a trained network numerically
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.teacher_store import calibrate_bn, machine
+from benchmarks._common import write_result
+from benchmarks.teacher_store import calibrate_bn
 from kd_lightning.losses import CrossEntropy, KLDivergence
 from kd_lightning.losses.outputs import ModelOutput
+from kd_lightning.machine import machine_info
 from kd_lightning.modules import DistillationModule
 from kd_lightning.modules.performance import Performance
 from kd_lightning.modules.teacher import TeacherSpec
@@ -101,7 +101,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) / args.steps)
             print(f"round {r} {name}: {times[name][-1]:.4f} s/step", flush=True)
     base = "off" if "off" in times else next(iter(times))
-    result = {"machine": machine(), "threads": torch.get_num_threads(), "batch": args.batch,
+    result = {"machine": machine_info(), "threads": torch.get_num_threads(), "batch": args.batch,
               "steps_per_round": args.steps, "rounds": args.rounds, "settings": {}}
     for name, t in times.items():
         ratios = [b / x for b, x in zip(times[base], t)]
@@ -113,10 +113,7 @@ def main() -> None:
             "max_abs_loss_diff_vs_off": diff,
         }
         print(name, result["settings"][name], flush=True)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,7 @@ which the JSON records as ``teacher_trained: false``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks._common import write_result
 from kd_lightning.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule
 from kd_lightning.losses.outputs import ModelOutput
+from kd_lightning.machine import machine_info
 from kd_lightning.modules.teacher import TeacherSpec, build_teacher
 from kd_lightning.modules.teacher_store import TeacherStore, reconstruct_logits, topk_logprobs
 
@@ -58,13 +56,6 @@ class _Sized:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def machine() -> dict[str, str]:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
-    return {"processor": platform.processor(), "machine": platform.machine(),
-            "nproc": str(os.cpu_count()), "cpu_model": model, "torch": torch.__version__}
 
 
 @torch.no_grad()
@@ -128,7 +119,7 @@ def main() -> None:
     with torch.inference_mode():
         logits = torch.cat([teacher(x[i : i + args.batch]) for i in range(0, args.kl_images, args.batch)])
     result: dict = {
-        "machine": machine(), "teacher": args.teacher, "teacher_trained": args.weights is not None,
+        "machine": machine_info(), "teacher": args.teacher, "teacher_trained": args.weights is not None,
         "images": "ImageFolder " + args.data_dir if args.data_dir else "random uniform pixels",
         "num_classes": args.num_classes, "batch": args.batch, "image_size": args.image_size,
         "threads": args.threads, "store_samples": args.store_samples, "per_k": {},
@@ -168,10 +159,7 @@ def main() -> None:
             }
             print(k, result["per_k"][str(k)], flush=True)
     result["teacher_mean_max_prob"] = float(F.softmax(logits, -1).max(-1).values.mean())
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

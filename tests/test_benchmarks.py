@@ -37,3 +37,26 @@ def test_benchmark_script_runs_and_reports(script, monkeypatch, capsys):
         (line,) = [line for line in out.splitlines() if row in line]
         numbers = [float(v.replace(",", "")) for v in re.findall(r"(?<![\w.])\d[\d,]*\.?\d*", line.split(":", 1)[1])]
         assert numbers and all(math.isfinite(v) and v > 0 for v in numbers), line
+
+
+#: the ImageNet-scale benchmarks at toy sizes: a result JSON with the machine and every field
+JSON_RUNS = {
+    "teacher_store": (["--teacher", "tv:resnet18", "--num-classes", "10", "--image-size", "32",
+                       "--batch", "2", "--ks", "2", "5", "--kl-images", "4", "--store-samples", "64",
+                       "--repeats", "1"], "per_k"),
+    "imagenet_step": (["--batch", "2", "--steps", "1", "--warmup", "1", "--k", "5"], "runs"),
+    "speed_defaults": (["--batch", "2", "--steps", "1", "--rounds", "1"], "settings"),
+}
+
+
+@pytest.mark.parametrize("script", list(JSON_RUNS))
+def test_json_benchmark_writes_its_result_file(script, monkeypatch, tmp_path):
+    import json
+
+    args, key = JSON_RUNS[script]
+    out = tmp_path / f"{script}.json"
+    monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(out)])
+    importlib.import_module(f"benchmarks.{script}").main()
+    result = json.loads(out.read_text())
+    assert result["machine"]["cpu_model"] and result["machine"]["nproc"] >= 1
+    assert result[key]
