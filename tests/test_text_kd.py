@@ -103,3 +103,19 @@ def test_quickstart_student_has_at_most_a_fifth_of_the_teachers_parameters():
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_student = sum(p.numel() for p in student.parameters())
     assert n_student <= n_teacher / 5, (n_student, n_teacher)
+
+
+def test_kd_refuses_data_whose_tokenizer_differs_from_the_teachers(text_teacher, tmp_path):
+    """A WordPiece retrained with other settings keeps its size but not its ids: the teacher
+    checkpoint's vocabulary digest catches it before any step."""
+    from kd_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="another vocabulary") as err:
+        main([
+            "fit", "-c", str(QUICKSTART / "kd.yaml"), *DEBUG_TRAINER, *SMALL_DATA,
+            f"--data.data_dir={tmp_path / 'data'}", "--data.lowercase=false",
+            f"--model.teacher.checkpoint={text_teacher}",
+            f"--checkpoint.dirpath={tmp_path / 'kd'}", *logger_args(tmp_path / "logs", "kd"),
+        ])
+    assert err.value.field == "data.tokenizer"
+    assert not list((tmp_path / "kd").glob("*.ckpt"))  # nothing trained, nothing saved
