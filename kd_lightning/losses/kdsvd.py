@@ -22,10 +22,14 @@ def _finite(x: Tensor) -> Tensor:
 def top_singular(feat: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The top-``k`` right singular vectors (N, C, k) of each sample's (H·W, C) feature
     matrix and their L2-normalised singular values (N, k)."""
-    x = feat.float().flatten(2).transpose(1, 2)  # (N, HW, C)
+    # float64: the SVD's backward divides by σᵢ² − σⱼ², which nearly equal singular values
+    # (ReLU maps with dead channels) push past float32's range
+    x = feat.double().flatten(2).transpose(1, 2)  # (N, HW, C)
+    if x.requires_grad:  # a degenerate spectrum still gives inf/NaN: drop those gradient entries
+        x.register_hook(_finite)
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
     v = _finite(vh.transpose(1, 2))[:, :, :k]
-    return F.normalize(v, dim=1), F.normalize(_finite(s)[:, :k], dim=1)
+    return F.normalize(v, dim=1).to(feat.dtype), F.normalize(_finite(s)[:, :k], dim=1).to(feat.dtype)
 
 
 def align_signs(v_s: Tensor, v_t: Tensor) -> Tensor:
