@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +72,7 @@ def student_of(config: Path) -> str:
 def run_head(config: Path) -> dict[str, object]:
     name = config.stem
     logs = RUNS / name
+    shutil.rmtree(logs, ignore_errors=True)  # a fresh run: one metrics.csv, no old checkpoints
     wall = cli("fit", "-c", str(QUICKSTART / "kd.yaml"), "-c", str(config), "--test_after_fit=true",
                "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
                f"--trainer.logger.save_dir={logs}", "--trainer.logger.name=run",
