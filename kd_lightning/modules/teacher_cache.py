@@ -75,7 +75,7 @@ class _Table:
         n_missing = int(missing.sum())
         if n_missing:
             rows = missing.nonzero().flatten()
-            fresh = compute(_rows(batch, rows, len(index)))  # the teachers see the missing samples only
+            fresh = compute(batch_rows(batch, rows, len(index)))  # the teachers see the missing samples only
             device = index.device if self.filled is None else self.filled.device
             self._grow(int(index.max()) + 1, int(view.max()) + 1, fresh, device)
             i, j = index[rows], view[rows]
@@ -124,7 +124,7 @@ class TeacherCache:
 
     def __call__(self, stage: str, batch: dict[str, Any], compute: Compute) -> list[ModelOutput]:
         """The teachers' outputs for ``batch``, computing (and storing) only the misses."""
-        index, view = _keys(batch, check_views=not self.data_checked)
+        index, view = batch_keys(batch, check_views=not self.data_checked)
         batch = {**batch, "index": index}
         if self.device == "cpu":
             index, view = index.cpu(), view.cpu()
@@ -146,7 +146,7 @@ class TeacherCache:
         )
 
 
-def _rows(batch: dict[str, Any], rows: Tensor, n: int) -> dict[str, Any]:
+def batch_rows(batch: dict[str, Any], rows: Tensor, n: int) -> dict[str, Any]:
     """The samples ``rows`` of every per-sample tensor in ``batch``."""
     return {
         k: v[rows.to(v.device)] if isinstance(v, Tensor) and v.ndim and len(v) == n else v
@@ -154,20 +154,21 @@ def _rows(batch: dict[str, Any], rows: Tensor, n: int) -> dict[str, Any]:
     }
 
 
-def _keys(batch: dict[str, Any], check_views: bool = True) -> tuple[Tensor, Tensor]:
+def batch_keys(batch: dict[str, Any], check_views: bool = True) -> tuple[Tensor, Tensor]:
+    """The (index, view) keys of a batch, for the memory cache and the disk store alike."""
     if not isinstance(batch, dict) or "index" not in batch or "view" not in batch:
         raise ConfigError(
-            "model.teacher_cache", True,
-            "the batches carry no 'index'/'view' keys to key the cache on; use a kd-lightning "
-            "DataModule (or yield them) or set model.teacher_cache=false",
+            "model.performance.teacher_cache", "on",
+            "the batches carry no 'index'/'view' keys to key teacher outputs on; use a "
+            "kd-lightning DataModule (or yield them) or set teacher_cache: off",
         )
     index, view = batch["index"].long(), batch["view"].long()
     if check_views and bool((view < 0).any()):
         raise ConfigError(
             "data.augment_views", 0,
-            "model.teacher_cache needs the same input every time a sample is seen, but this "
-            "training data is augmented at random: set data.augment_views to K >= 1 "
-            "(K fixed views per image) or data.augment=false, or turn off model.teacher_cache",
+            "model.performance.teacher_cache needs the same input every time a sample is seen, "
+            "but this training data is augmented at random: set data.augment_views to K >= 1 "
+            "(K fixed views per image) or data.augment=false, or set teacher_cache: off",
         )
     return index, view
 

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.outputs import ModelOutput
+from kd_lightning.modules.teacher_cache import batch_keys, batch_rows
 
 Compute = Callable[[dict[str, Any]], list[ModelOutput]]
 FORMAT_VERSION = 1
@@ -230,7 +231,7 @@ class TeacherStore:
             raise ConfigError("model.teacher_store", str(self.path), "call bind(datamodule, …) before use")
         if stage not in self.tables:
             raise ConfigError("model.teacher_store", stage, f"the store has no {stage!r} table")
-        index, view = _keys(batch)
+        index, view = batch_keys(batch)
         table = self.tables[stage]
         n, v = table.filled.shape
         if bool((index >= n).any()) or bool((view >= v).any()):
@@ -251,7 +252,7 @@ class TeacherStore:
                 )
             rows = torch.as_tensor(missing, device=batch["index"].device)
             with torch.no_grad():
-                fresh = compute(_rows(batch, rows, len(index)))
+                fresh = compute(batch_rows(batch, rows, len(index)))
             self.write(stage, index[missing], view[missing], fresh)
         self.misses += len(missing)
         self.hits += len(idx) - len(missing)
@@ -324,27 +325,3 @@ def store_shapes(datamodule: Any) -> dict[str, tuple[int, int]]:
             n = int(getattr(datamodule, "index_space", {}).get(stage, 0)) or len(ds)
         shapes[stage] = (n, v)
     return shapes
-
-
-def _keys(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    if not isinstance(batch, dict) or "index" not in batch or "view" not in batch:
-        raise ConfigError(
-            "model.teacher_store", True,
-            "the batches carry no 'index'/'view' keys to key the store on; use a kd-lightning "
-            "DataModule",
-        )
-    index, view = batch["index"].long(), batch["view"].long()
-    if bool((view < 0).any()):
-        raise ConfigError(
-            "data.augment_views", 0,
-            "the teacher store needs the same input every time a sample is seen, but this "
-            "training data is augmented at random: set data.augment_views to K >= 1",
-        )
-    return index, view
-
-
-def _rows(batch: dict[str, Any], rows: Tensor, n: int) -> dict[str, Any]:
-    return {
-        k: v[rows.to(v.device)] if isinstance(v, Tensor) and v.ndim and len(v) == n else v
-        for k, v in batch.items()
-    }
