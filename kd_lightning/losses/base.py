@@ -41,6 +41,12 @@ class LossHead(nn.Module):
     #: the term is the task (label) loss rather than a distillation term: an optimizer
     #: with ``split_backward`` (e.g. ``kd_lightning.optim.DOT``) treats the two apart
     is_task_loss: bool = False
+    #: the authors' code this head equals, as ``"<owner>/<repo>@<commit> <file> L<a>-L<b>"``;
+    #: a parity test in ``tests/parity/`` proves it. The head catalogue renders it.
+    reference: str = ""
+    #: deliberate departures from ``reference``, one sentence each, every one a named option
+    #: whose default keeps the authors' behaviour unless the sentence says otherwise
+    departures: tuple[str, ...] = ()
 
     def __init__(
         self, weight: float = 1.0, schedule: Schedule | None = None, name: str | None = None
