@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import json
 import re
 import shlex
 import socket
@@ -367,7 +368,7 @@ def test_results_page_renders_each_file_with_its_machine(tmp_path):
     page = gen_pages.results_page(results)
     speed, heads, bare = (page.split(f"## `{name}`")[1].split("## ")[0]
                           for name in ("speed.json", "heads.csv", "bare.csv"))
-    assert "Machine: cpu_model AMD EPYC, nproc 2" in speed and "| cached | 0.31 |" in speed
+    assert "Machine: AMD EPYC, 2 cores, no GPU" in speed and "| cached | 0.31 |" in speed
     assert "Machine: Intel Xeon, 4 cores" in heads and "| kd | 0.91 |" in heads
     assert "not recorded" in bare
     assert "heads.machine.json" not in page
@@ -381,3 +382,35 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert installs and len(tests) == 1
     assert [c for c in ci if c[0] == "pip"] == installs
     assert [c for c in ci if c[:3] == ["python", "-m", "pytest"]] == tests
+
+
+def test_results_page_reads_csv_headers_provenance_and_flags_changed_configs(tmp_path):
+    """A ``# machine:`` comment is provenance, not the table header; accuracies print at one
+    decimal; a result whose config changed since it was written is flagged."""
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        import gen_pages
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    from kd_lightning.provenance import provenance
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "heads_quickstart.csv").write_text(
+        "# machine: AMD EPYC, 2 cores\nconfig,student,test_acc,test_agreement,wall_s\n"
+        "configs/kd/kd.yaml,mlp_tiny,0.9190000295639038,0.93,230.1\n"
+        "configs/kd/ab.yaml,lenet5,0.9639999866485596,0.97,372.9\n")
+    config = REPO / "configs" / "quickstart" / "kd.yaml"
+    record = provenance("kd-lightning experiment -c x.yaml", [config])
+    record["config_files"] = {"configs/quickstart/kd.yaml": "0" * 64}  # as if edited since
+    rows = [{"name": "kd", "kind": "kd", "n_seeds": 2, "test_acc_best_mean": 0.92461,
+             "test_acc_best_std": 0.0048, "gain_best": 0.0022}]
+    (results / "quick.json").write_text(json.dumps({"meta": record, "rows": rows}))
+    page = gen_pages.results_page(results)
+    heads = page.split("## `heads_quickstart.csv`")[1].split("## ")[0]
+    assert "Machine: AMD EPYC, 2 cores" in heads and "| config | student |" not in heads
+    assert "| `configs/kd/kd.yaml` | 91.9 |" in heads and "Student `lenet5`" in heads
+    quick = page.split("## `quick.json`")[1]
+    assert "92.5 ± 0.5" in quick and "+0.2" in quick
+    assert "command: `kd-lightning experiment -c x.yaml`" in quick
+    assert "Configs changed since" in quick and "configs/quickstart/kd.yaml" in quick
