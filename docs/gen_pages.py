@@ -367,16 +367,36 @@ def _experiment_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _row_configs_changed(row: dict[str, str]) -> bool | None:
+    """Whether the configs a heads-quickstart row read changed since (None: not recorded)."""
+    from kd_lightning.provenance import file_sha256
+
+    recorded = row.get("configs_sha256")
+    if not recorded:
+        return None
+    config = ROOT / row["config"]
+    paths = ([ROOT / "configs" / "quickstart" / "kd.yaml", config]
+             if row["config"].startswith("configs/kd/") else [config])
+    if not all(p.is_file() for p in paths):
+        return True
+    return "+".join(file_sha256(p)[:16] for p in paths) != recorded
+
+
 def _heads_quickstart_tables(rows: list[dict[str, str]]) -> list[str]:
     out: list[str] = []
     for family in sorted({_student_family(r["student"]) for r in rows}):
-        out += [f"**Student `{family}`**", "", "| config | test acc (%) | agreement (%) | wall (s) |",
-                "|---|---:|---:|---:|"]
+        out += [f"**Student `{family}`**", "",
+                "| config | test acc (%) | agreement (%) | wall (s) | commit |",
+                "|---|---:|---:|---:|---|"]
         for r in rows:
             if _student_family(r["student"]) == family:
+                commit = (r.get("git_commit") or "")[:10] or "not recorded"
+                changed = _row_configs_changed(r)
+                if changed:
+                    commit += " (configs changed since: rerun)"
                 out.append(f"| `{r['config']}` | {_pct1(r.get('test_acc'))} | "
                            f"{_pct1(r.get('test_agreement')) if r.get('test_agreement') else '–'} | "
-                           f"{r.get('wall_s', '')} |")
+                           f"{r.get('wall_s', '')} | {commit} |")
         out.append("")
     return out
 

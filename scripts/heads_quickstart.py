@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from kd_lightning.machine import machine_line
+from kd_lightning.provenance import file_sha256, git_revision
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart"
@@ -34,14 +35,25 @@ HEADS = REPO / "configs" / "kd"
 OUT = REPO / "docs" / "results" / "heads_quickstart.csv"
 RUNS = REPO / "runs" / "heads_quickstart"
 TEACHER = REPO / "runs" / "quickstart" / "teacher" / "best.ckpt"
-FIELDS = ["config", "student", "test_acc", "test_agreement", "wall_s"]
+FIELDS = ["config", "student", "test_acc", "test_agreement", "wall_s", "git_commit", "configs_sha256"]
 #: configs/kd files that are whole runs rather than head variants of the quickstart
 NOT_HEADS = {"multi_teacher"}
 
 
 def machine() -> str:
     return (f"# machine: {machine_line()}, {datetime.date.today().isoformat()}; "
-            "one seed (0) per row")
+            "one seed (0) per row\n# command: python scripts/heads_quickstart.py --only <config stem>\n"
+            "# git_commit: per row (the code each row ran on); configs_sha256: of the configs it read")
+
+
+def configs_sha256(*paths: Path) -> str:
+    """One digest of the config files a row read (the docs flag a row whose configs changed)."""
+    return "+".join(file_sha256(p)[:16] for p in paths)
+
+
+def commit() -> str:
+    rev = git_revision(REPO)
+    return rev["git_commit"] + ("-dirty" if rev.get("git_dirty") else "")
 
 
 def cli(*args: str) -> float:
@@ -79,7 +91,8 @@ def run_head(config: Path) -> dict[str, object]:
                f"--checkpoint.dirpath={logs / 'ckpt'}")
     m = test_metrics(logs)
     return {"config": f"configs/kd/{config.name}", "student": student_of(config),
-            "test_acc": m["test/acc"], "test_agreement": m["test/agreement"], "wall_s": round(wall, 1)}
+            "test_acc": m["test/acc"], "test_agreement": m["test/agreement"], "wall_s": round(wall, 1),
+            "git_commit": commit(), "configs_sha256": configs_sha256(QUICKSTART / "kd.yaml", config)}
 
 
 def run_scratch(student: str) -> dict[str, object]:
@@ -95,7 +108,8 @@ def run_scratch(student: str) -> dict[str, object]:
     wall = cli(*args)
     m = test_metrics(logs)
     return {"config": "configs/quickstart/scratch.yaml", "student": student,
-            "test_acc": m["test/acc"], "test_agreement": "", "wall_s": round(wall, 1)}
+            "test_acc": m["test/acc"], "test_agreement": "", "wall_s": round(wall, 1),
+            "git_commit": commit(), "configs_sha256": configs_sha256(QUICKSTART / "scratch.yaml")}
 
 
 def main() -> None:
@@ -133,7 +147,7 @@ def write(rows: dict[tuple[str, str], dict[str, object]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         for key in sorted(rows):
-            writer.writerow({k: rows[key][k] for k in FIELDS})
+            writer.writerow({k: rows[key].get(k, "") for k in FIELDS})
     print(f"wrote {OUT} ({len(rows)} rows)", flush=True)
 
 
