@@ -241,8 +241,14 @@ def write_result(result: dict[str, Any], out: str | None) -> None:
     """Print a benchmark's result as JSON and, with ``--json``/``--out``, write it to a file
     (the docs render files under docs/results/)."""
     import json
+    import sys
     from pathlib import Path
 
+    from kd_lightning.provenance import provenance
+
+    # the command, commit and machine: the file's own command reproduces it
+    record = provenance(["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+    result = {**result, "provenance": record}
     text = json.dumps(result, indent=1)
     print(text)
     if out:
