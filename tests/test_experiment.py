@@ -52,6 +52,11 @@ def test_smoke_outputs_are_consistent(smoke: Path) -> None:
             assert rows[name][f"{metric}_mean"] == pytest.approx(statistics.fmean(values))
             assert rows[name][f"{metric}_std"] == pytest.approx(statistics.stdev(values))
     assert rows["teacher"]["test_acc_best_std"] is None  # one run: no spread to report
+    # provenance: the file's own command, commit and config digests reproduce it
+    meta = data["meta"]
+    assert meta["command"].startswith("kd-lightning experiment")
+    assert meta["git_commit"] and meta["resolved_config_sha256"]
+    assert "configs/quickstart/kd.yaml" in meta["config_files"]
     for which in ("best", "last"):
         gain = rows["kd_t4"][f"test_acc_{which}_mean"] - rows["scratch"][f"test_acc_{which}_mean"]
         assert rows["kd_t4"][f"gain_{which}"] == pytest.approx(gain)

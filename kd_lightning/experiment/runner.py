@@ -65,15 +65,17 @@ _MISSING = object()
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """``kd-lightning experiment ...``; returns the rows of the results table."""
-    spec = parse_spec(list(sys.argv[1:] if argv is None else argv))
-    return Experiment(spec).run()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return Experiment(parse_spec(argv), argv=argv).run()
 
 
 class Experiment:
     """Plans, runs (or skips) and summarises the runs of one ``ExperimentSpec``."""
 
-    def __init__(self, spec: ExperimentSpec) -> None:
+    def __init__(self, spec: ExperimentSpec, argv: list[str] | None = None) -> None:
         self.spec = spec
+        #: the command line after ``kd-lightning experiment`` (recorded in the results)
+        self.argv = argv
         self.out = spec.out_dir.resolve()
         #: stage name → "csv" | "tensorboard" | "wandb" | "none" | "other"
         self.loggers = {stage.name: self._logger_kind(stage) for _, stage in spec.stages()}
@@ -107,6 +109,7 @@ class Experiment:
             "wall_seconds_this_invocation": round(time.perf_counter() - t0, 1),
             "run_seconds_total": round(sum(r.get("seconds") or 0 for r in records), 1),
             "machine": machine_info(), **git_revision(),
+            **self._provenance(),
         }
         paths = write_results(rows, records, self.out, meta)
         print(f"\n[{spec.name}] results ({len(records)} runs, {meta['run_seconds_total']:.0f} s of "
@@ -122,6 +125,19 @@ class Experiment:
                 wandb_settings(self._logger_entry(spec.teacher)[1]),
             )
         return rows
+
+    def _provenance(self) -> dict[str, Any]:
+        """The command, config-file digests and resolved-spec hash of this experiment."""
+        from kd_lightning.provenance import provenance
+
+        spec = self.spec
+        files = [*spec.base, *((spec.logger,) if spec.logger else ())]
+        for _, stage in spec.stages():
+            files += stage.configs
+        paths = [resolve_path(spec, f, "configs") for f in files]
+        experiment_files = [a for a in (self.argv or []) if a.endswith((".yaml", ".yml"))]
+        command = ["kd-lightning", "experiment", *(self.argv or [])] if self.argv is not None else None
+        return provenance(command, [*experiment_files, *paths], dataclasses.asdict(spec))
 
     # -- the stages -----------------------------------------------------------------------
     def _teacher_plan(self) -> tuple[list[str], str, bool]:
