@@ -167,6 +167,12 @@ class BaseModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("model", type(self).__name__, "it has no trainable parameters")
+        # a submodule (e.g. FactorTransfer's paraphraser) may ask for its own lr: a param group
+        groups = [g for m in self.modules() if m is not self and hasattr(m, "optimizer_groups")
+                  for g in m.optimizer_groups()]
+        if groups:
+            own = {id(p) for g in groups for p in g["params"]}
+            params = [{"params": [p for p in params if id(p) not in own]}, *groups]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
