@@ -201,7 +201,10 @@ def _bn_train(x, bn):
 
 def test_fitnet_conv_connector_with_pooling():
     f_s, f_t = _maps((N, 3, 8, 8), (N, 4, 4, 4))
-    head = _built(FitNet(student_layers="a", teacher_layers="b"), {"a": f_s}, {"b": f_t})
+    # resize="interpolate": pool, then 1×1 (the default "conv" is RepDistiller's ConvReg,
+    # a strided conv here; tests/parity/test_parity_feature_maps.py covers it)
+    head = _built(FitNet(student_layers="a", teacher_layers="b", resize="interpolate"),
+                  {"a": f_s}, {"b": f_t})
     conv, bn = head.connectors[0].proj
     assert conv.weight.shape == (4, 3, 1, 1)
     pooled = f_s.view(N, 3, 4, 2, 4, 2).mean(dim=(3, 5))  # 2×2 blocks by hand

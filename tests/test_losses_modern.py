@@ -361,10 +361,8 @@ def test_ab_matches_the_boundary_hinge():
     s1, t1, s2, t2 = _maps(2, (2, 3, 4, 4), (2, 3, 4, 4), (2, 3, 2, 2), (2, 3, 2, 2))
     head = _built(AB(student_layers=["a", "c"], teacher_layers=["b", "d"], margin=0.5),
                   {"a": s1, "c": s2}, {"b": t1, "d": t2})
-    for conn in head.connectors:  # identity connectors: the hinge on the raw maps
-        conn.proj[0].weight.data = torch.eye(3)[:, :, None, None]
-        conn.proj.eval()
-        conn.proj[1].running_var.fill_(1 - 1e-5)
+    # equal shapes: no connector (as RepDistiller and the AB authors), the hinge on the raw maps
+    assert all(isinstance(conn, torch.nn.Identity) for conn in head.connectors)
     loss, grad = _feat_run(head, {"a": s1, "c": s2}, {"b": t1, "d": t2})
     # d/ds of the hinge, by hand: 2(s+m) where pushed down, 2(s-m) where pushed up
     g = 2 * (s1 + 0.5) * ((t1 <= 0) & (s1 > -0.5)) + 2 * (s1 - 0.5) * ((t1 > 0) & (s1 <= 0.5))
@@ -408,11 +406,8 @@ def test_cc_matches_the_neighbour_correlation():
     head = _built(CorrelationCongruence(student_layers="a", teacher_layers="b", feat_dim=3),
                   {"a": f_s}, {"b": f_t})
     loss, _ = _feat_run(head, {"a": f_s}, {"b": f_t})
-    e_s = head.embed_s(f_s).detach()
-    e_t = head.embed_t(f_t).detach()
-    e_s = e_s / e_s.norm(dim=1, keepdim=True)
-    e_t = e_t / e_t.norm(dim=1, keepdim=True)
-    d = (e_s - e_t).abs()
+    # RepDistiller's LinearEmbed: no L2 normalisation (normalize=True is the option)
+    d = (head.embed_s(f_s).detach() - head.embed_t(f_t).detach()).abs()
     want = sum(float((d[i] * d[i + 1]).sum()) for i in range(3)) / 3
     assert loss.item() == pytest.approx(want, rel=1e-5)
     # one sample has no neighbour: zero, with a graph

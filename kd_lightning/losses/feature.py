@@ -15,11 +15,12 @@ taps the module's input, i.e. a pre-activation feature (``kd_lightning.modules.f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import LossHead
@@ -167,3 +168,31 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
     if t_hw != size:
         f_t = F.adaptive_avg_pool2d(f_t, size)
     return f_s, f_t
+
+
+#: the connector initialisations a head may choose: the authors' He-normal one, or PyTorch's
+CONNECTOR_INITS = ("he", "default")
+
+
+def he_init_(module: nn.Module) -> nn.Module:
+    """The connector initialisation of the OFD and AB authors: conv weights ~ N(0, √(2/n)) with
+    n = k_h·k_w·out_channels, BatchNorm γ = 1, β = 0 (clovaai/overhaul-distillation@76344a84a7ce23c894f41a2e05b866c9b73fd85a4a7ce23c894f41a2e05b866c9b73fd85a
+    CIFAR-100/distiller.py L15-L27; bhheo/AB_distillation@a7701d3506e13da87bda75aba1cee6397408144f models/distillation_module.py
+    L29-L36)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.data.normal_(0, math.sqrt(2.0 / n))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+    return module
+
+
+def check_init(head: str, init: str) -> str:
+    if init not in CONNECTOR_INITS:
+        raise ConfigError(
+            f"{head}.init", init,
+            "use 'he' (the authors' N(0, sqrt(2/n)) conv init) or 'default' (PyTorch's)",
+        )
+    return init

@@ -57,21 +57,35 @@ class FactorTransfer(FeatureHead):
 
     Reference: RepDistiller ``FactorTransfer``/``Paraphraser``/``Translator``: rate k = 0.5,
     LeakyReLU 0.1, BN in the translator only, p₁ = 2, p₂ = 1, weight 200 with CE 1, on the
-    last stage (f3), 30 paraphraser epochs before the 240 student epochs.
+    last stage (f3), 30 paraphraser epochs before the 240 student epochs; the paraphraser
+    trains at lr 0.01 for ResNet/WRN students (``helper/pretrain.py``), else at the student's:
+    set ``paraphraser_lr`` to give it its own optimizer param group.
 
     Args:
         rate: factor channels = rate × teacher channels (0.5).
         paraphraser_epochs: epochs of the paraphraser warm-up (30); 0 skips it (a paraphraser
             loaded from a checkpoint).
+        paraphraser_lr: the paraphraser's own learning rate (its optimizer param group; the
+            run's scheduler scales it like the others); ``None`` shares the student's lr.
+            RepDistiller: 0.01 for ResNet/WRN students.
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 distiller_zoo/FT.py "
+        "L7-L31, models/util.py L7-L62, helper/pretrain.py L22-L31 L68-L71, "
+        "train_student.py L239-L253"
+    )
+    departures = (
+        "one fit: the paraphraser warm-up is this head's first paraphraser_epochs epochs, its "
+        "loss divided by the head weight, where RepDistiller runs a separate init stage",
+    )
     default_name = "ft"
     feature_ranks = (4,)
     single_pair = True
 
     def __init__(
         self, weight: float = 200.0, *, rate: float = 0.5, paraphraser_epochs: int = 30,
-        **kwargs: Any,
+        paraphraser_lr: float | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(weight, **kwargs)
         if not 0 < rate <= 1:
@@ -79,7 +93,11 @@ class FactorTransfer(FeatureHead):
         if paraphraser_epochs < 0:
             raise ConfigError("FactorTransfer.paraphraser_epochs", paraphraser_epochs,
                               "use >= 0 epochs (RepDistiller: 30)")
+        if paraphraser_lr is not None and paraphraser_lr <= 0:
+            raise ConfigError("FactorTransfer.paraphraser_lr", paraphraser_lr,
+                              "use an lr > 0 (RepDistiller: 0.01), or leave it unset")
         self.rate, self.paraphraser_epochs = float(rate), int(paraphraser_epochs)
+        self.paraphraser_lr = None if paraphraser_lr is None else float(paraphraser_lr)
         self.paraphraser: nn.Module = nn.Identity()
         self.translator: nn.Module = nn.Identity()
 
@@ -89,6 +107,13 @@ class FactorTransfer(FeatureHead):
         k = max(1, int(t[1] * self.rate))
         self.translator = nn.Sequential(*_conv_block(s[1], s[1], True), *_conv_block(s[1], k, True),
                                         *_conv_block(k, k, True))
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The paraphraser's own param group when ``paraphraser_lr`` is set (read by
+        ``configure_optimizers``)."""
+        if self.paraphraser_lr is None or isinstance(self.paraphraser, nn.Identity):
+            return []
+        return [{"params": list(self.paraphraser.parameters()), "lr": self.paraphraser_lr}]
 
     def in_warmup(self) -> bool:
         return self.epoch < self.paraphraser_epochs

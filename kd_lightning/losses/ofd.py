@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.losses.base import Batch
-from kd_lightning.losses.feature import FeatureHead
+from kd_lightning.losses.feature import FeatureHead, check_init, he_init_
 from kd_lightning.losses.fitnet import Connector
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
 
@@ -32,8 +32,9 @@ class OFD(FeatureHead):
 
     Tap pre-activation features with ``:input`` on each block's final ReLU (e.g. resnet8x4
     ``layer3.0.relu:input``; see ``kd_lightning.modules.features``). With ``r = connector(f_s)``
-    (1×1 conv + BN to the teacher's width) and the teacher map average-pooled to the
-    student's size::
+    (a bias-free 1×1 conv + BN to the teacher's width, no resizing, initialised as the
+    authors: conv ~ N(0, √(2/n)), BN γ = 1, β = 0) and the teacher map average-pooled to the
+    student's size (mdistiller; the authors' CIFAR code needs equal sizes)::
 
         loss = Σ_i partial_L2(r_i, t_i, m_i) / 2^(n-1-i)
 
@@ -44,13 +45,27 @@ class OFD(FeatureHead):
     all training batches seen (the teacher is frozen, so it converges to the true value),
     kept in buffers and checkpointed. Reference: mdistiller ``OFD.py``: weight 1e-3 with CE 1,
     pre-activation f1-f3, connector kernel 1.
+
+    Args:
+        init: the connector init: ``he`` (the authors') or ``default`` (PyTorch's).
     """
 
+    reference = (
+        "clovaai/overhaul-distillation@76344a84a7ce23c894f41a2e05b866c9b73fd85a "
+        "CIFAR-100/distiller.py L9-L72; megvii-research/mdistiller@"
+        "a08d46f10d6102bd6e3f258ca5ac880b020ea259 mdistiller/distillers/OFD.py L11-L161"
+    )
+    departures = (
+        "the margin E[t | t < 0] is a running estimate from the teacher's pre-ReLU features, "
+        "where the authors derive it from the preceding BatchNorm's gamma and beta",
+        "init='default' keeps PyTorch's connector init (default 'he', as the authors)",
+    )
     default_name = "ofd"
     feature_ranks = (4,)
 
-    def __init__(self, weight: float = 1e-3, **kwargs: Any) -> None:
+    def __init__(self, weight: float = 1e-3, *, init: str = "he", **kwargs: Any) -> None:
         super().__init__(weight, **kwargs)
+        self.init = check_init("OFD", init)
         self.connectors = nn.ModuleList()
         self.n_pairs = len(self.layer_pairs)
         for i in range(self.n_pairs):  # running sums of negative responses, per channel
@@ -58,7 +73,11 @@ class OFD(FeatureHead):
             self.register_buffer(f"neg_count_{i}", torch.zeros(0), persistent=True)
 
     def build_pairs(self, shapes: list[tuple[torch.Size, torch.Size]]) -> None:
-        self.connectors = nn.ModuleList(Connector(s, t, relu=False) for s, t in shapes)
+        # a 1×1 conv that keeps the student's size: the teacher map is pooled to it (mdistiller)
+        connectors = [Connector(s, t, relu=False, resize="none") for s, t in shapes]
+        if self.init == "he":
+            connectors = [he_init_(c) for c in connectors]
+        self.connectors = nn.ModuleList(connectors)
         for i, (_, t) in enumerate(shapes):
             setattr(self, f"neg_sum_{i}", torch.zeros(t[1]))
             setattr(self, f"neg_count_{i}", torch.zeros(t[1]))
