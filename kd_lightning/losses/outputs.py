@@ -9,6 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def wide(x: Tensor) -> Tensor:
+    """At least fp32: bf16/fp16 logits are upcast, float64 (the parity tests) stays."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass
 class ModelOutput:
     """Logits plus the named feature maps that the configured heads asked for."""
@@ -40,7 +45,7 @@ class TeacherOutput:
         """Weighted mean of the members' logits (used by logit-regression heads)."""
         if len(self.members) == 1:
             return self.members[0].logits
-        return sum(w * m.logits.float() for w, m in zip(self._w(), self.members))
+        return sum(w * wide(m.logits) for w, m in zip(self._w(), self.members))
 
     @property
     def features(self) -> dict[str, Tensor]:
@@ -51,15 +56,15 @@ class TeacherOutput:
         return self.members[index]
 
     def probs(self, temperature: float = 1.0) -> Tensor:
-        """Ensemble soft targets at ``temperature``, in fp32."""
+        """Ensemble soft targets at ``temperature``, in fp32 (float64 stays float64)."""
         return sum(
-            w * F.softmax(m.logits.float() / temperature, dim=1)
+            w * F.softmax(wide(m.logits) / temperature, dim=1)
             for w, m in zip(self._w(), self.members)
         )
 
     def log_probs(self, temperature: float = 1.0) -> Tensor:
         if len(self.members) == 1:  # exact log-softmax, no log(softmax) round trip
-            return F.log_softmax(self.members[0].logits.float() / temperature, dim=1)
+            return F.log_softmax(wide(self.members[0].logits) / temperature, dim=1)
         return torch.log(self.probs(temperature).clamp_min(1e-12))
 
     def argmax(self) -> Tensor:
