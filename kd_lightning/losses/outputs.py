@@ -69,3 +69,26 @@ class TeacherOutput:
 
     def argmax(self) -> Tensor:
         return self.probs().argmax(dim=1)
+
+
+@dataclass
+class TokenOutput:
+    """A causal LM's outputs at the positions that predict a next token (already shifted:
+    position t predicts ``targets[:, t]``), for the per-token heads of
+    ``kd_lightning.losses.lm``.
+
+    Attributes:
+        logits: ``[B, T, V]``; None when the module runs the chunked loss, which rebuilds
+            them chunk by chunk from ``hidden_states[-1]`` and ``head_weight``.
+        mask: ``[B, T]`` bool, True where the target is a completion token (the loss mask).
+        targets: ``[B, T]`` next-token ids (any value where ``mask`` is False).
+        hidden_states: per layer ``[B, T, D]``: 0 the embeddings, -1 the final (normed)
+            states that the LM head reads.
+        head_weight: the LM head's ``[V, D]`` weight (its real vocabulary rows only).
+    """
+
+    logits: Tensor | None
+    mask: Tensor
+    targets: Tensor
+    hidden_states: tuple[Tensor, ...] = ()
+    head_weight: Tensor | None = None
