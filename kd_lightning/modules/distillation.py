@@ -8,15 +8,14 @@ The flow of one training step::
 Teachers are deliberately *not* registered submodules: they never appear in
 ``parameters()`` (so never in the optimizer or DDP's gradient sync), never in
 ``state_dict()`` (so never in checkpoints), and ``LightningModule.train()`` cannot flip
-them out of eval mode. ``_apply`` is extended so ``.to(device)``/dtype casts still reach
-them. They are rebuilt from their source (``TeacherSpec``) whenever the module is built:
+them out of eval mode (``FrozenTeacherModule``, shared with the causal-LM distiller).
+``_apply`` is extended so ``.to(device)``/dtype casts still reach them. They are rebuilt from their source (``TeacherSpec``) whenever the module is built:
 on fit, on resume from ``ckpt_path`` and in ``load_from_checkpoint``; the checkpoint
 stores each teacher's fingerprint so a changed teacher is detected on load.
 """
 
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -29,8 +28,8 @@ from torchmetrics import MeanMetric
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses import CrossEntropy, KLDivergence, LossHead, ModelOutput, TeacherOutput
 from kd_lightning.models import model_from_config
-from kd_lightning.modules.base import BaseModule
 from kd_lightning.modules.features import FeatureTaps
+from kd_lightning.modules.frozen_teacher import FrozenTeacherModule
 from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, copy_from_teacher
 from kd_lightning.modules.inputs import (
     batch_size,
@@ -45,12 +44,11 @@ from kd_lightning.modules.teacher import (
     TeacherSpec,
     build_teacher,
     check_teacher_vocabulary,
-    fingerprint,
 )
 from kd_lightning.modules.teacher_cache import cache_stage, check_cache_data
 
 
-class DistillationModule(BaseModule):
+class DistillationModule(FrozenTeacherModule):
     """Knowledge distillation with a configurable, weighted set of loss heads.
 
     Args:
@@ -122,12 +120,10 @@ class DistillationModule(BaseModule):
         if not specs:
             raise ConfigError("model.teacher", teacher, "give a teacher: {checkpoint: path/to.ckpt}")
         fields = ["model.teacher"] if len(specs) == 1 else [f"model.teacher[{i}]" for i in range(len(specs))]
-        self._teachers: list[nn.Module] = [
+        self.set_teachers([
             build_teacher(s, num_classes, builder_inputs(self.input_shape, vocab_sizes, "teacher"), f)
             for s, f in zip(specs, fields)
-        ]
-        self.teacher_weights = [float(s.weight) for s in specs]
-        self.teacher_fingerprints = [fingerprint(t) for t in self._teachers]
+        ], [s.weight for s in specs])
         self.init_report: InitReport | None = None
         if init_from_teacher != "none":
             self.init_report = copy_from_teacher(self.student, self._teachers[0], init_from_teacher)
@@ -230,21 +226,7 @@ class DistillationModule(BaseModule):
                 metrics[f"teacher{i}"] = classifier_metrics(self.num_classes, prefix, f"teacher{i}_")
         return metrics
 
-    # -- teachers -------------------------------------------------------------------------
-    @property
-    def teachers(self) -> list[nn.Module]:
-        return self._teachers
-
-    @property
-    def teacher(self) -> nn.Module:
-        return self._teachers[0]
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        for t in self.__dict__.get("_teachers", []):
-            t._apply(fn, *args, **kwargs)
-        return self
-
+    # -- teachers (frozen and fingerprinted by FrozenTeacherModule) ------------------------
     def teacher_forward(self, batch: dict[str, Tensor]) -> TeacherOutput:
         """All teachers on the batch, in eval mode and inference mode, under the same
         autocast as the student; from the teacher cache when ``teacher_cache`` is on."""
@@ -386,33 +368,6 @@ class DistillationModule(BaseModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self.student(*model_inputs(self.student, batch, "student")).softmax(dim=1)
 
-    # -- checkpoints ----------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["kd_teacher_fingerprints"] = self.teacher_fingerprints
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("kd_teacher_fingerprints")
-        if saved is None or saved == self.teacher_fingerprints:
-            return
-        sources = [_source(s) for s in _specs(self.hparams.get("teacher"))]
-        # Resuming a fit against another teacher silently changes the experiment: refuse.
-        # Loading for evaluation (no trainer, or validate/test) only warns: the student's
-        # own metrics do not depend on the teacher.
-        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.allow_teacher_change:
-            raise ConfigError(
-                "model.teacher", sources,
-                "it is not the teacher this checkpoint was trained with (weight fingerprints "
-                "differ): restore the original teacher file, or set "
-                "model.allow_teacher_change=true to continue against this one",
-            )
-        warnings.warn(
-            f"the teacher rebuilt from model.teacher ({sources}) differs from the one this "
-            "checkpoint was trained with (fingerprints differ)",
-            stacklevel=2,
-        )
-
 
 def _fp32(out: ModelOutput) -> ModelOutput:
     """``out`` in fp32: the same object when it already is (the common fp32 run)."""
@@ -420,16 +375,3 @@ def _fp32(out: ModelOutput) -> ModelOutput:
     if all(t.dtype == torch.float32 for t in tensors):
         return out
     return ModelOutput(out.logits.float(), {k: v.float() for k, v in out.features.items()})
-
-
-def _specs(teacher: Any) -> list[Any]:
-    """``hparams.teacher`` as a list of specs (a single spec, a list, or None)."""
-    if teacher is None:
-        return []
-    return list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
-
-
-def _source(spec: Any) -> Any:
-    """Where a teacher spec (a TeacherSpec, or a dict once round-tripped) loads from."""
-    get = spec.get if isinstance(spec, dict) else (lambda key: getattr(spec, key, None))
-    return get("checkpoint") or get("weights") or get("model")
