@@ -32,6 +32,14 @@ class AttentionTransfer(FeatureHead):
         p: the exponent of the attention map (paper: 2).
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "distiller_zoo/AT.py L15-L29"
+    )
+    departures = (
+        "the map is mean_c |f|^p (the paper's absolute value) where RepDistiller takes "
+        "f^p: equal for even p such as the default 2",
+    )
     default_name = "at"
     feature_ranks = (4,)
 

@@ -68,6 +68,14 @@ class CRD(FeatureHead):
         momentum: bank update momentum (0.5).
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "crd/criterion.py L31-L102, crd/memory.py L10-L79"
+    )
+    departures = (
+        "negatives are drawn uniformly from the bank, where RepDistiller's CIFAR-100 "
+        "loader can draw them from other classes only (its 'exact' mode)",
+    )
     default_name = "crd"
     single_pair = True
     # every process applies the same gathered updates and the same all-reduced Z, so DDP's

@@ -36,6 +36,10 @@ class FSP(FeatureHead):
     ``EpochWindow`` schedules as for ``AB``.
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "distiller_zoo/FSP.py L19-L48"
+    )
     default_name = "fsp"
     feature_ranks = (4,)
 

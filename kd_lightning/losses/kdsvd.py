@@ -52,14 +52,18 @@ class KDSVD(FeatureHead):
         loss = Σ_{l≥1} Σ (R_s - R_t)² / N
 
     Needs ≥ 2 layer pairs with equal student/teacher channel counts per pair (true for
-    resnet32x4 → resnet8x4). Reference: mdistiller ``KDSVD.py`` (k = 1, weight 1, CE 1, layers
-    f1-f3), after the authors' TensorFlow code; one deliberate difference: the feature matrix
-    is (H·W, C) as in the paper, where mdistiller reshapes NCHW to (C·H, W).
+    resnet32x4 → resnet8x4). Reference: RepDistiller ``KDSVD`` (k = 1; the (H·W, C) feature
+    matrix of the paper and the authors' TensorFlow code), checked in ``tests/parity``;
+    mdistiller ``KDSVD.py`` (weight 1, CE 1, layers f1-f3) reshapes NCHW to (C·H, W) instead.
 
     Args:
         k: singular vectors kept from the teacher (1).
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "distiller_zoo/KDSVD.py L17-L75"
+    )
     default_name = "kdsvd"
     feature_ranks = (4,)
 

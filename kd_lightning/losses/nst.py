@@ -31,6 +31,10 @@ class NST(FeatureHead):
         student_layers, teacher_layers: (N, C, H, W) layer pairs, e.g. ``[layer1, layer2, layer3]``.
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "distiller_zoo/NST.py L16-L42"
+    )
     default_name = "nst"
     feature_ranks = (4,)
 

@@ -89,8 +89,10 @@ class OFD(FeatureHead):
 
     @torch.no_grad()
     def _observe(self, i: int, f_t: Tensor) -> None:
-        neg = f_t.clamp_max(0).float()
-        getattr(self, f"neg_sum_{i}").add_(neg.sum(dim=(0, 2, 3)))
+        total = getattr(self, f"neg_sum_{i}")
+        # summed in the buffer's precision (float32 unless the head is cast), never in fp16
+        neg = f_t.clamp_max(0).to(total.dtype)
+        total.add_(neg.sum(dim=(0, 2, 3)))
         getattr(self, f"neg_count_{i}").add_((f_t < 0).sum(dim=(0, 2, 3)).float())
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:

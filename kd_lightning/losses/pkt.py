@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 from kd_lightning.errors import ConfigError
@@ -15,8 +15,15 @@ from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
 
 
 def conditional_probabilities(f: Tensor, eps: float) -> Tensor:
-    """p(j | i) from the cosine-similarity kernel ``(cos + 1) / 2``, rows summing to 1."""
-    flat = F.normalize(f.flatten(1), dim=1, eps=eps)
+    """p(j | i) from the cosine-similarity kernel ``(cos + 1) / 2``, rows summing to 1.
+
+    Rows are divided by ``‖f‖ + ε`` as in RepDistiller (not by ``max(‖f‖, ε)``: the two
+    differ in the gradient's radial part). The squared norm is floored at the dtype's
+    smallest normal number, which changes no nonzero row but keeps a zero row's (a dead
+    post-ReLU embedding) gradient 0 rather than NaN."""
+    flat = f.flatten(1)
+    sq = flat.pow(2).sum(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+    flat = flat / (sq.sqrt() + eps)
     kernel = (flat @ flat.t() + 1.0) / 2.0
     return kernel / kernel.sum(dim=1, keepdim=True)
 
@@ -34,6 +41,10 @@ class PKT(FeatureHead):
         eps: ε of the log ratio (RepDistiller: 1e-7).
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 distiller_zoo/PKT.py "
+        "L16-L42"
+    )
     default_name = "pkt"
 
     def __init__(self, weight: float = 30000.0, *, eps: float = 1e-7, **kwargs: Any) -> None:

@@ -73,6 +73,12 @@ class ReviewKD(FeatureHead):
         max_mid_channels: cap on the ABFs' inner width (512).
     """
 
+    reference = (
+        "dvlab-research/ReviewKD@cede6ea6387ae9b6127de0e561507177bf19c11e "
+        "CIFAR-100/model/reviewkd.py L20-L86; "
+        "megvii-research/mdistiller@a08d46f10d6102bd6e3f258ca5ac880b020ea259 "
+        "mdistiller/distillers/ReviewKD.py L11-L144"
+    )
     default_name = "reviewkd"
     feature_ranks = (2, 4)
 

@@ -52,6 +52,10 @@ class RKD(FeatureHead):
         angle_weight: w_a (paper: 50).
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "distiller_zoo/RKD.py L15-L58"
+    )
     default_name = "rkd"
 
     def __init__(

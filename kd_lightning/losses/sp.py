@@ -29,6 +29,10 @@ class SimilarityPreserving(FeatureHead):
         student_layers, teacher_layers: layer pairs of any shape, e.g. ``layer3``.
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "distiller_zoo/SP.py L16-L30"
+    )
     default_name = "sp"
 
     def __init__(self, weight: float = 3000.0, **kwargs: Any) -> None:

@@ -51,6 +51,10 @@ class VID(FeatureHead):
         eps: variance floor ε (1e-5).
     """
 
+    reference = (
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "distiller_zoo/VID.py L12-L54"
+    )
     default_name = "vid"
     feature_ranks = (4,)
 
