@@ -51,7 +51,8 @@ def test_dot_matches_two_buffer_sgd_reference():
                 buf_task[i] = d if i not in buf_task else m * buf_task[i] + d
                 step = step + buf_task[i]
             if gk is not None:
-                d = gk if both else gk + WD * p
+                # mdistiller: a distillation-only parameter's first step has no weight decay
+                d = gk if both or i not in buf_kd else gk + WD * p
                 m = MU + DELTA if both else MU
                 buf_kd[i] = d if i not in buf_kd else m * buf_kd[i] + d
                 step = step + buf_kd[i]
@@ -114,7 +115,8 @@ def test_dot_with_zero_delta_is_sgd_on_the_summed_loss():
     xs = [torch.randn(5, 4, generator=g) for _ in range(3)]
     a = [p.clone().requires_grad_() for p in init]
     b = [p.clone().requires_grad_() for p in init]
-    dot = DOT(a, lr=LR, momentum=MU, delta=0.0, weight_decay=WD)
+    # kd_only_first_decay: SGD decays the first step of the distillation-only parameter too
+    dot = DOT(a, lr=LR, momentum=MU, delta=0.0, weight_decay=WD, kd_only_first_decay=True)
     sgd = torch.optim.SGD(b, lr=LR, momentum=MU, weight_decay=WD)
     for x in xs:
         dot.zero_grad()

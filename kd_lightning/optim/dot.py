@@ -12,8 +12,16 @@ gradient of the task loss (the heads with ``is_task_loss``, i.e. cross-entropy) 
 so the distillation direction carries more momentum than the task direction (the paper's
 remedy for the task loss dominating optimisation). A parameter that receives only one of the
 two (e.g. an adapter that only a feature head uses) keeps one buffer with the plain
-momentum μ, weight decay included. A buffer starts as the first gradient itself (as in
-``torch.optim.SGD``). mdistiller CIFAR-100 defaults: lr 0.05, μ 0.9, Δ 0.075, λ 5e-4.
+momentum μ = ((μ - Δ) + (μ + Δ))/2, weight decay included. A buffer starts as the first
+gradient itself (as in ``torch.optim.SGD``), with one exception kept from mdistiller: a
+parameter reached by the distillation loss only starts its buffer from ``g_kd`` *without*
+the weight decay (its ``dot()`` adds the decay only in the non-first branch); the decay
+applies from its second step on. Likewise, as there, the task buffer is skipped when
+μ - Δ = 0. mdistiller CIFAR-100 defaults: lr 0.05, μ 0.9, Δ 0.075, λ 5e-4.
+
+Reference: megvii-research/mdistiller@a08d46f10d6102bd6e3f258ca5ac880b020ea259
+``mdistiller/engine/dot.py`` L15-L55 (``dot``) and L96-L174, ``mdistiller/engine/trainer.py``
+L229-L279 (the ``DOT`` trainer: μ ∓ Δ, ``loss_kd.backward`` then ``loss_ce.backward``).
 
 How the gradients are split: ``DistillationModule`` calls ``split_backward(task, distill)``
 instead of ``loss.backward()`` when its optimizer has that method. The distillation gradient
@@ -46,7 +54,19 @@ class DOT(torch.optim.Optimizer):
         delta: Δ: the task momentum is μ - Δ, the distillation momentum μ + Δ (0.075).
         weight_decay: L2 penalty λ, added to the task gradient (5e-4).
         dampening: SGD dampening d (0).
+        kd_only_first_decay: also add the weight decay to the first step of a parameter that
+            only the distillation loss reaches (``torch.optim.SGD``'s convention); the
+            reference (default ``false``) leaves it out of that first step.
     """
+
+    reference = (
+        "megvii-research/mdistiller@a08d46f10d6102bd6e3f258ca5ac880b020ea259 "
+        "mdistiller/engine/dot.py L15-L55; mdistiller/engine/trainer.py L229-L279"
+    )
+    departures = (
+        "kd_only_first_decay: true adds the weight decay to a distillation-only parameter's "
+        "first step, which the reference skips (default false, as the reference)",
+    )
 
     def __init__(
         self,
@@ -56,6 +76,7 @@ class DOT(torch.optim.Optimizer):
         delta: float = 0.075,
         weight_decay: float = 5e-4,
         dampening: float = 0.0,
+        kd_only_first_decay: bool = False,
     ) -> None:
         checks = (
             ("lr", lr, lr > 0, "use a learning rate > 0 (mdistiller: 0.05)"),
@@ -69,7 +90,8 @@ class DOT(torch.optim.Optimizer):
             if not ok:
                 raise ConfigError(f"DOT.{field}", value, fix)
         defaults = {"lr": lr, "momentum": momentum, "delta": delta,
-                    "weight_decay": weight_decay, "dampening": dampening}
+                    "weight_decay": weight_decay, "dampening": dampening,
+                    "kd_only_first_decay": bool(kd_only_first_decay)}
         super().__init__(params, defaults)
         #: distillation gradients since the last step, by parameter (never checkpointed:
         #: they live between ``split_backward`` and ``step`` of one optimisation step)
@@ -112,21 +134,30 @@ class DOT(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, mu, delta = group["lr"], group["momentum"], group["delta"]
             wd, damp = group["weight_decay"], group["dampening"]
+            first_decay = group.get("kd_only_first_decay", False)
+            mu_task, mu_kd = mu - delta, mu + delta
             for p in group["params"]:
                 g_task = p.grad
                 g_kd = self._kd_grads.pop(p, None)
                 if g_task is None and g_kd is None:
                     continue
                 state = self.state[p]
-                if g_task is not None and g_kd is not None:
-                    d_task = g_task.add(p, alpha=wd) if wd else g_task
-                    step = self._update(state, "task_momentum", d_task, mu - delta, damp)
-                    step = step + self._update(state, "kd_momentum", g_kd, mu + delta, damp)
-                else:  # one source only: plain SGD with the base momentum on its buffer
-                    key = "task_momentum" if g_task is not None else "kd_momentum"
-                    g = g_task if g_task is not None else g_kd
-                    d_p = g.add(p, alpha=wd) if wd else g
-                    step = self._update(state, key, d_p, mu, damp) if mu else d_p
-                p.add_(step, alpha=-lr)
+                both = g_task is not None and g_kd is not None
+                # mdistiller's first loop: the task gradient, always with the decay; no
+                # buffer at all when its momentum μ - Δ is 0
+                if g_task is not None:
+                    d_p = g_task.add(p, alpha=wd) if wd else g_task
+                    if mu_task:
+                        d_p = self._update(state, "task_momentum", d_p,
+                                           mu_task if both else mu, damp)
+                    p.add_(d_p, alpha=-lr)
+                # its second loop: the distillation gradient, always with a buffer; the decay
+                # only for a parameter the task loss does not reach, and not on its first step
+                if g_kd is not None:
+                    d_p = g_kd
+                    if not both and wd and ("kd_momentum" in state or first_decay):
+                        d_p = g_kd.add(p, alpha=wd)
+                    p.add_(self._update(state, "kd_momentum", d_p, mu_kd if both else mu, damp),
+                           alpha=-lr)
         self._kd_grads.clear()
         return loss
