@@ -231,9 +231,13 @@ def test_ctkd_is_kd_at_its_learnt_temperature_with_reversed_gradient(logits):
     theta = torch.tensor(0.3, dtype=torch.double, requires_grad=True)
     ref = ref_kd(z_s.double(), z_t, 1.0 + 20.0 * torch.sigmoid(theta))
     (true_grad,) = torch.autograd.grad(ref, theta)
-    assert theta_grad(0) == 0.0  # λ(0) = 0: the curriculum starts without the adversary
-    assert theta_grad(2) == pytest.approx(-0.5 * true_grad.item(), rel=1e-4)  # λ = ½ at E/2
-    assert theta_grad(9) == pytest.approx(-true_grad.item(), rel=1e-4)  # λ = 1 after E
+    # CTKD counts epochs from 1: Lightning's epoch 0 is its epoch 1, λ = (1 - cos(π/4))/2
+    first = (1 - math.cos(math.pi / 4)) / 2
+    assert theta_grad(0) == pytest.approx(-first * true_grad.item(), rel=1e-4)
+    assert theta_grad(1) == pytest.approx(-0.5 * true_grad.item(), rel=1e-4)  # λ = ½ at E/2
+    assert theta_grad(3) == pytest.approx(-true_grad.item(), rel=1e-4)  # λ = 1 from epoch E
+    head.epoch_offset = 0  # the named departure: 0-based, no adversary in the first epoch
+    assert theta_grad(0) == 0.0
 
 
 def test_ctkd_temperature_is_in_the_optimizer_and_checkpoint():
