@@ -251,14 +251,26 @@ def test_factor_transfer(spatial, width):
 def test_factor_transfer_paraphraser_lr_is_its_own_param_group():
     """RD helper/pretrain.py L22-L31: the paraphraser trains at lr 0.01 (ResNet/WRN students)
     while the student's lr is 0.05: ``paraphraser_lr`` gives it that lr as its own group."""
-    f_s, f_t = rel_maps(7, "equal", "equal_width")
-    head = built(FactorTransfer(student_layers="a", teacher_layers="b", paraphraser_lr=0.01),
-                 {"a": f_s}, {"b": f_t})
-    (group,) = head.optimizer_groups()
-    assert group["lr"] == 0.01
-    assert {id(p) for p in group["params"]} == {id(p) for p in head.paraphraser.parameters()}
-    shared = built(FactorTransfer(student_layers="a", teacher_layers="b"), {"a": f_s}, {"b": f_t})
-    assert shared.optimizer_groups() == []
+    from functools import partial
+
+    from kd_lightning.modules import DistillationModule
+    from kd_lightning.modules.teacher import TeacherSpec
+
+    def module(**ft):
+        head = FactorTransfer(student_layers="layer2", teacher_layers="layer2", **ft)
+        return DistillationModule(
+            student="lenet5", teacher=TeacherSpec(model="lenet5", model_kwargs={"width": 2}),
+            heads=[head], optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+        )
+
+    m = module(paraphraser_lr=0.01)
+    rest, group = m.configure_optimizers().param_groups
+    paraphraser = {id(p) for p in m.heads[0].paraphraser.parameters()}
+    assert group["lr"] == 0.01 and {id(p) for p in group["params"]} == paraphraser
+    assert rest["lr"] == 0.05 and not paraphraser & {id(p) for p in rest["params"]}
+    assert {id(p) for p in m.heads[0].translator.parameters()} <= {id(p) for p in rest["params"]}
+    (shared,) = module().configure_optimizers().param_groups  # unset: one lr for all
+    assert shared["lr"] == 0.05
 
 
 # -- FSP ----------------------------------------------------------------------------------
