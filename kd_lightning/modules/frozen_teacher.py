@@ -66,9 +66,14 @@ class FrozenTeacherModule(BaseModule):
         # Resuming a fit against another teacher silently changes the experiment: refuse.
         # Loading for evaluation (no trainer, or validate/test) only warns: the student's
         # own metrics do not depend on the teacher.
-        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.allow_teacher_change:
+        if (
+            self._trainer is not None
+            and self.trainer.state.fn == "fit"
+            and not self.allow_teacher_change
+        ):
             raise ConfigError(
-                "model.teacher", sources,
+                "model.teacher",
+                sources,
                 "it is not the teacher this checkpoint was trained with (weight fingerprints "
                 "differ): restore the original teacher file, or set "
                 "model.allow_teacher_change=true to continue against this one",

@@ -1,0 +1,33 @@
+"""Token-level losses for causal-LM distillation."""
+
+from kd_lightning.losses.lm.chunked import chunked_token_loss
+from kd_lightning.losses.lm.divergences import (
+    DIVERGENCES,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+from kd_lightning.losses.lm.heads import (
+    HiddenStateDistance,
+    TokenCrossEntropy,
+    TokenDivergence,
+    TokenHead,
+)
+
+__all__ = [
+    "DIVERGENCES",
+    "HiddenStateDistance",
+    "TokenCrossEntropy",
+    "TokenDivergence",
+    "TokenHead",
+    "chunked_token_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "reverse_kl",
+    "skew_kl",
+    "skew_reverse_kl",
+    "total_variation",
+]

@@ -1,0 +1,94 @@
+"""Causal language models: Hugging Face checkpoints and small built-in decoders.
+
+``build_causal_lm(name, vocab_size, kwargs)``:
+
+- ``hf:<folder or hub id>``: ``AutoModelForCausalLM.from_pretrained``; a local folder or
+  the Hugging Face cache. Offline without a cache: set ``HF_HUB_OFFLINE=1`` and give a
+  folder.
+- ``llama``/``gpt2``: a randomly initialised decoder from transformers' own
+  ``LlamaConfig``/``GPT2Config`` (``kwargs`` are that config's fields, e.g.
+  ``{hidden_size: 64, num_hidden_layers: 2}``), for offline work and tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from kd_lightning.errors import ConfigError
+
+#: built-in decoder name → (config class name, its defaults: a tiny model)
+BUILTIN = {
+    "llama": (
+        "LlamaConfig",
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "gpt2": (
+        "GPT2Config",
+        {
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 512,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        },
+    ),
+}
+
+
+def build_causal_lm(
+    name: str,
+    vocab_size: int | None,
+    kwargs: dict[str, Any] | None = None,
+    field: str = "model.student",
+) -> nn.Module:
+    import transformers
+
+    kwargs = dict(kwargs or {})
+    if name.startswith("hf:"):
+        source = name[3:]
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as err:
+            raise ConfigError(
+                field,
+                name,
+                f"cannot load it ({str(err).splitlines()[0]}); give a "
+                "local model folder, or go online once to fill the HF cache",
+            ) from None
+        if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+            raise ConfigError(
+                field,
+                name,
+                f"its embedding table is smaller than the data's "
+                f"tokenizer ({vocab_size} tokens); use the model's own tokenizer",
+            )
+    elif name in BUILTIN:
+        cls, defaults = BUILTIN[name]
+        if vocab_size is None:
+            raise ConfigError(field, name, "a built-in decoder needs the data's vocabulary size")
+        try:
+            config = getattr(transformers, cls)(**{**defaults, **kwargs, "vocab_size": vocab_size})
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{field}_kwargs", kwargs, str(err).splitlines()[0]) from None
+    else:
+        raise ConfigError(field, name, f"use hf:<folder or hub id> or one of {sorted(BUILTIN)}")
+    model.kd_name = name
+    return model
+
+
+def decoder_layers(model: nn.Module) -> int:
+    """The number of decoder blocks (for layer maps and ``every_kth`` reports)."""
+    config = model.config
+    return int(getattr(config, "num_hidden_layers", None) or config.n_layer)

@@ -1,0 +1,429 @@
+"""Causal-LM training and distillation on prompt/completion data, in the same core.
+
+``CausalLMModule`` trains one decoder on the completion tokens (teacher pre-training, or
+the student trained on the completions alone); ``LMDistillationModule`` distils a frozen
+teacher decoder into a student with per-token heads (``kd_lightning.losses.lm``). Both
+share ``BaseModule``'s optimizer wiring and logging; the distiller shares the frozen-
+teacher machinery (unregistered teachers, fingerprints, resume refusal) with the image and
+text ``DistillationModule`` through ``FrozenTeacherModule``, and ``init_from_teacher``'s
+``every_kth`` maps a shallower student's decoder layers to every k-th teacher layer.
+
+Token accounting. Each head returns a sum over completion tokens. The loss of one optimizer
+step is Σ(loss over the window's completion tokens) / (completion tokens in the whole
+accumulation window, over every DDP rank). The window's count is known only at its end, so
+each micro-batch back-propagates its own sum and ``on_before_optimizer_step`` rescales the
+accumulated gradients once by ``accumulate · world / N_window`` (undoing Lightning's
+``1/accumulate`` and DDP's ``1/world`` averaging): grad(Σ/N) = grad(Σ)/N exactly, however
+the window is split into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+
+from kd_lightning.checkpoints import read_checkpoint
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.lm import TokenCrossEntropy, TokenDivergence, TokenHead
+from kd_lightning.losses.lm.divergences import forward_kl, generalized_jsd, reverse_kl
+from kd_lightning.losses.outputs import TokenOutput
+from kd_lightning.models.lm import build_causal_lm
+from kd_lightning.modules.base import BaseModule
+from kd_lightning.modules.frozen_teacher import FrozenTeacherModule
+from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, copy_from_teacher
+from kd_lightning.modules.teacher import TeacherSpec, freeze
+
+EVAL_SUMS = ("tokens", "nll", "teacher_nll", "kl", "reverse_kl", "jsd")
+
+
+class _CausalLMCore:
+    """Forward passes, token accounting and evaluation shared by both LM modules."""
+
+    chunk_size: int = 0
+    real_vocab: int = 0
+    _window_tokens: Tensor | None = None
+
+    # -- forward ---------------------------------------------------------------------------
+    def lm_output(self, model: nn.Module, batch: dict[str, Tensor], hidden: bool) -> TokenOutput:
+        """The model's shifted outputs: logits (or, chunked, none), mask and targets."""
+        chunked = self.chunk_size > 0
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        if chunked:
+            out = model.base_model(
+                input_ids=ids, attention_mask=attention, output_hidden_states=hidden
+            )
+            states = out.hidden_states if hidden else (out.last_hidden_state,)
+            states = (*states[:-1], out.last_hidden_state)
+            logits = None
+        else:
+            out = model(input_ids=ids, attention_mask=attention, output_hidden_states=hidden)
+            states, logits = (
+                (out.hidden_states if hidden else ()),
+                out.logits[:, :-1, : self.real_vocab],
+            )
+        targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        return TokenOutput(
+            logits=logits,
+            mask=mask,
+            targets=targets.clamp_min(0),
+            hidden_states=tuple(s[:, :-1] for s in states),
+            head_weight=model.get_output_embeddings().weight[: self.real_vocab],
+        )
+
+    # -- token accounting ---------------------------------------------------------------------
+    def count_tokens(self, mask: Tensor) -> None:
+        n = mask.sum()
+        self._window_tokens = n if self._window_tokens is None else self._window_tokens + n
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        tokens, self._window_tokens = self._window_tokens, None
+        if tokens is None:
+            return
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            tokens = trainer.strategy.reduce(tokens.float(), reduce_op="sum")
+        scale = trainer.accumulate_grad_batches * trainer.world_size / tokens.float().clamp_min(1)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _eval_sums(self) -> nn.ModuleDict:
+        return nn.ModuleDict({k: SumMetric() for k in EVAL_SUMS})
+
+    def update_eval(
+        self, sums: nn.ModuleDict, student: TokenOutput, teacher: TokenOutput | None
+    ) -> None:
+        mask = student.mask
+        s = self._logits(student)[mask]
+        sums["tokens"].update(mask.sum().float())
+        sums["nll"].update(F.cross_entropy(s.float(), student.targets[mask], reduction="sum"))
+        if teacher is not None:
+            t = self._logits(teacher)[mask]
+            sums["teacher_nll"].update(
+                F.cross_entropy(t.float(), student.targets[mask], reduction="sum")
+            )
+            sums["kl"].update(forward_kl(s, t).sum())
+            sums["reverse_kl"].update(reverse_kl(s, t).sum())
+            sums["jsd"].update(generalized_jsd(s, t, 0.5).sum())
+
+    def _logits(self, out: TokenOutput) -> Tensor:
+        if out.logits is not None:
+            return out.logits
+        return out.hidden_states[-1] @ out.head_weight.t()
+
+    def log_eval_sums(self, stage: str, sums: nn.ModuleDict, with_teacher: bool) -> None:
+        n = sums["tokens"].compute().clamp_min(1)
+        keys = EVAL_SUMS[1:] if with_teacher else ("nll",)
+        values = {f"{stage}/{k}": sums[k].compute() / n for k in keys}
+        values[f"{stage}/ppl"] = values[f"{stage}/nll"].exp()
+        if with_teacher:
+            values[f"{stage}/teacher_ppl"] = values[f"{stage}/teacher_nll"].exp()
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
+        for metric in sums.values():
+            metric.reset()
+
+    # -- generation (ROUGE-L) ------------------------------------------------------------------
+    generate_samples: int = 0
+    max_new_tokens: int = 48
+
+    def rouge_l(self, model: nn.Module, stage: str) -> None:
+        """Greedy completions of the first ``generate_samples`` held-out prompts, scored with
+        ROUGE-L F against the reference completions (the ``rouge-score`` package)."""
+        dm = getattr(self._trainer, "datamodule", None)
+        if not self.generate_samples or dm is None or not hasattr(dm, "generation_pairs"):
+            return
+        from rouge_score import rouge_scorer
+
+        tokenizer = dm.tokenizer
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        scores = []
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for prompt_ids, reference in dm.generation_pairs(stage, self.generate_samples):
+                ids = torch.tensor([prompt_ids], device=self.device)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=self.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                scores.append(scorer.score(reference, text)["rougeL"].fmeasure)
+        nn.Module.train(model, was_training)
+        if scores:
+            key = "teacher_rougeL" if model is not getattr(self, "student", model) else "rougeL"
+            self.log(f"{stage}/{key}", sum(scores) / len(scores), sync_dist=True)
+
+
+def _check_vocab(num_classes: int, vocab_sizes: dict[str, int] | None) -> int:
+    vocab = int((vocab_sizes or {}).get("input_ids", num_classes))
+    if vocab < 2:
+        raise ConfigError("data.vocab_size", vocab, "the tokenizer needs at least 2 tokens")
+    return vocab
+
+
+class CausalLMModule(_CausalLMCore, BaseModule):
+    """One causal LM trained on the completion tokens (cross-entropy, token-accounted).
+
+    Args:
+        model: ``llama``/``gpt2`` (built-in tiny decoders) or ``hf:<folder>``.
+        model_kwargs: the built-in decoder's config fields, or ``from_pretrained`` kwargs.
+        num_classes, input_shape, vocab_sizes: linked from the DataModule (the tokenizer's
+            real vocabulary; logits beyond it, a padded embedding table's, are cut).
+        chunk_size: > 0 computes the loss ``chunk_size`` tokens at a time from the final
+            hidden states, never holding the full ``[N, V]`` logits.
+        generate_samples, max_new_tokens: greedy completions scored with ROUGE-L at test.
+        optimizer, lr_scheduler: see ``BaseModule``.
+    """
+
+    monitor = "val/nll"
+
+    def __init__(
+        self,
+        model: str = "llama",
+        model_kwargs: dict[str, Any] | None = None,
+        num_classes: int = 0,
+        input_shape: tuple[int, ...] = (64,),
+        vocab_sizes: dict[str, int] | None = None,
+        chunk_size: int = 0,
+        generate_samples: int = 16,
+        max_new_tokens: int = 48,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.real_vocab = _check_vocab(num_classes, vocab_sizes)
+        self.chunk_size, self.generate_samples = int(chunk_size), int(generate_samples)
+        self.max_new_tokens = int(max_new_tokens)
+        self.model = build_causal_lm(model, self.real_vocab, model_kwargs, "model.model")
+        self.ce = TokenCrossEntropy()
+        self.val_sums, self.test_sums = self._eval_sums(), self._eval_sums()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.lm_output(self.model, batch, hidden=False)
+        total = self.ce(out, None, batch)
+        self.count_tokens(out.mask)
+        n = out.mask.sum().clamp_min(1)
+        self.log_train_step(total.detach() / n, batch["input_ids"].shape[0], batch_idx)
+        return total
+
+    def _eval(self, batch: dict[str, Tensor], sums: nn.ModuleDict) -> None:
+        self.update_eval(sums, self.lm_output(self.model, batch, hidden=False), None)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, self.val_sums)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, self.test_sums)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_eval_sums("val", self.val_sums, with_teacher=False)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_eval_sums("test", self.test_sums, with_teacher=False)
+        self.rouge_l(self.model, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        dm = getattr(self._trainer, "datamodule", None)
+        if getattr(dm, "tokenizer_digest", None):
+            checkpoint["kd_lm_tokenizer"] = dm.tokenizer_digest
+
+
+def build_lm_teacher(spec: TeacherSpec, vocab: int, field: str) -> nn.Module:
+    """A frozen decoder from a ``CausalLMModule`` checkpoint, or ``model`` (+ ``weights``)."""
+    if spec.checkpoint:
+        ckpt = read_checkpoint(
+            spec.checkpoint,
+            f"{field}.checkpoint",
+            "train the teacher first (configs/llm/quickstart/teacher.yaml)",
+        )
+        hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+        if "model" not in hparams or "state_dict" not in ckpt:
+            raise ConfigError(
+                f"{field}.checkpoint", spec.checkpoint, "this is not a CausalLMModule checkpoint"
+            )
+        model = build_causal_lm(
+            hparams["model"], vocab, hparams.get("model_kwargs"), f"{field}.model"
+        )
+        state = {
+            k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+        }
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"{field}.checkpoint",
+                spec.checkpoint,
+                "its weights do not fit "
+                f"(another vocabulary or architecture?): {str(err).splitlines()[1:2]}",
+            ) from None
+        model.kd_tokenizer = ckpt.get("kd_lm_tokenizer")
+    elif spec.model:
+        model = build_causal_lm(spec.model, vocab, spec.model_kwargs, f"{field}.model")
+        if spec.weights:
+            model.load_state_dict(read_checkpoint(spec.weights, f"{field}.weights", "fix the path"))
+        model.kd_tokenizer = None
+    else:
+        raise ConfigError(field, spec, "give a teacher `checkpoint` or a `model` (hf:<folder>)")
+    return freeze(model)
+
+
+class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
+    """A causal-LM student taught per completion token by one frozen teacher decoder.
+
+    Args:
+        student, student_kwargs: as ``CausalLMModule``'s ``model``/``model_kwargs``.
+        teacher: ``TeacherSpec``: a ``CausalLMModule`` checkpoint, or ``model: hf:<folder>``.
+        heads: ``kd_lightning.losses.lm`` heads; default TokenDivergence(forward_kl).
+        init_from_teacher: ``matching`` or ``every_kth`` (every k-th decoder layer).
+        chunk_size: > 0: the chunked loss (logits rebuilt per chunk, recomputed in backward).
+        allow_teacher_change, num_classes, input_shape, vocab_sizes, generate_samples,
+        max_new_tokens, optimizer, lr_scheduler: as in the other modules.
+
+    The teacher runs in inference mode, in bf16 autocast on a CUDA device that has it.
+    Logs ``val/``/``test/`` ``nll``, ``ppl``, ``teacher_nll``, ``teacher_ppl`` and the
+    teacher-forced ``kl`` (KL(teacher ‖ student), teacher entropy included),
+    ``reverse_kl`` and ``jsd`` (β = 0.5), and at test ``rougeL``/``teacher_rougeL``.
+    """
+
+    monitor = "val/nll"
+
+    def __init__(
+        self,
+        student: str = "llama",
+        student_kwargs: dict[str, Any] | None = None,
+        teacher: TeacherSpec | None = None,
+        heads: list[TokenHead] | None = None,
+        init_from_teacher: InitStrategy = "none",
+        chunk_size: int = 0,
+        allow_teacher_change: bool = False,
+        num_classes: int = 0,
+        input_shape: tuple[int, ...] = (64,),
+        vocab_sizes: dict[str, int] | None = None,
+        generate_samples: int = 16,
+        max_new_tokens: int = 48,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "allow_teacher_change"])
+        self.allow_teacher_change = allow_teacher_change
+        self.real_vocab = _check_vocab(num_classes, vocab_sizes)
+        self.chunk_size, self.generate_samples = int(chunk_size), int(generate_samples)
+        self.max_new_tokens = int(max_new_tokens)
+        if isinstance(teacher, list):
+            raise ConfigError("model.teacher", teacher, "the LM distiller takes one teacher")
+        if teacher is None:
+            raise ConfigError(
+                "model.teacher", teacher, "give a teacher: {checkpoint: path/to.ckpt}"
+            )
+        self.student = build_causal_lm(student, self.real_vocab, student_kwargs, "model.student")
+        self.set_teachers([build_lm_teacher(teacher, self.real_vocab, "model.teacher")], [1.0])
+        self.init_report: InitReport | None = None
+        if init_from_teacher != "none":
+            self.init_report = copy_from_teacher(self.student, self.teacher, init_from_teacher)
+        self.heads = nn.ModuleList(heads if heads is not None else [TokenDivergence()])
+        if not self.heads or not all(isinstance(h, TokenHead) for h in self.heads):
+            raise ConfigError(
+                "model.heads",
+                [type(h).__name__ for h in self.heads],
+                "give kd_lightning.losses.lm heads (TokenDivergence, TokenCrossEntropy, ...)",
+            )
+        for h in self.heads:
+            if self.chunk_size > 0 and not h.chunkable and h.weight > 0:
+                raise ConfigError(
+                    "model.chunk_size",
+                    chunk_size,
+                    f"head {h.name!r} needs the full logits; set chunk_size: 0",
+                )
+            h.chunk_size = self.chunk_size
+        self._hidden = any(isinstance(h, TokenHead) and not h.chunkable for h in self.heads)
+        self.val_sums, self.test_sums = self._eval_sums(), self._eval_sums()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def teacher_output(self, batch: dict[str, Tensor]) -> TokenOutput:
+        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            out = self.lm_output(self.teacher, batch, hidden=self._hidden)
+        # out of inference mode (fp32), so the heads may save them for backward
+        return TokenOutput(
+            None if out.logits is None else out.logits.float().clone(),
+            out.mask,
+            out.targets,
+            tuple(h.float().clone() for h in out.hidden_states),
+            out.head_weight,
+        )
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self._trainer, "datamodule", None)
+        saved, now = (
+            getattr(self.teacher, "kd_tokenizer", None),
+            getattr(dm, "tokenizer_digest", None),
+        )
+        if saved and now and saved != now:
+            raise ConfigError(
+                "data.tokenizer",
+                getattr(dm, "tokenizer_dir", None),
+                "the teacher was trained with another tokenizer; cross-tokenizer "
+                "distillation is not supported: give the data the teacher's tokenizer",
+            )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        teacher = self.teacher_output(batch)
+        student = self.lm_output(self.student, batch, hidden=self._hidden)
+        total, terms = None, {}
+        for head in self.heads:
+            w = head.current_weight(self.current_epoch, self.global_step)
+            if w == 0:
+                continue
+            term = head(student, teacher, batch)
+            terms[head.name] = term.detach()
+            total = w * term if total is None else total + w * term
+        if total is None:
+            total = student.head_weight.sum() * 0.0
+        self.count_tokens(student.mask)
+        n = student.mask.sum().clamp_min(1)
+        self.log_train_step(
+            total.detach() / n,
+            batch["input_ids"].shape[0],
+            batch_idx,
+            {k: v / n for k, v in terms.items()},
+        )
+        return total
+
+    def _eval(self, batch: dict[str, Tensor], sums: nn.ModuleDict) -> None:
+        self.update_eval(
+            sums, self.lm_output(self.student, batch, hidden=False), self.teacher_output(batch)
+        )
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, self.val_sums)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, self.test_sums)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_eval_sums("val", self.val_sums, with_teacher=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_eval_sums("test", self.test_sums, with_teacher=True)
+        self.rouge_l(self.student, "test")
+        self.rouge_l(self.teacher, "test")
+
+
+__all__ = ["CausalLMModule", "LMDistillationModule", "build_lm_teacher"]
