@@ -20,6 +20,11 @@ class CrossEntropy(LossHead):
     default_name = "ce"
     uses_labels = True
     is_task_loss = True
+    reference = (
+        "standard formula: -Σ target · log softmax(z), averaged over the labelled samples, "
+        "with label smoothing as Szegedy et al. 2016 §7 (torch.nn.functional.cross_entropy)"
+    )
+    departures = ()
 
     def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0, **kwargs) -> None:
         super().__init__(weight, **kwargs)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch, LossHead, check_temperature
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 
 #: the reference's guard on the product of norms
 EPS = 1e-8
@@ -44,6 +44,11 @@ class DIST(LossHead):
     """
 
     default_name = "dist"
+    reference = (
+        "hunto/image_classification_sota@6f7a70a1dd57fd88413d83909d3d53243068f701 "
+        "lib/models/losses/dist_kd.py L4-L34 (the classification code of hunto/DIST_KD)"
+    )
+    departures = ()
 
     def __init__(
         self,
@@ -62,7 +67,7 @@ class DIST(LossHead):
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
         t = self.temperature
-        y_s = (student.logits.float() / t).softmax(dim=1)
+        y_s = (wide(student.logits) / t).softmax(dim=1)
         y_t = teacher.probs(t)
         inter = 1 - pearson(y_s, y_t).mean()
         intra = 1 - pearson(y_s.T, y_t.T).mean()

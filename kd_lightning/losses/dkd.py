@@ -9,7 +9,7 @@ from torch import Tensor
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch, LossHead, check_temperature, labelled, masked_mean
 from kd_lightning.losses.logit_standardization import standardize, standardized_teacher
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 from kd_lightning.losses.schedules import Schedule
 
 
@@ -53,6 +53,14 @@ class DKD(LossHead):
     """
 
     default_name = "dkd"
+    reference = (
+        "megvii-research/mdistiller@a08d46f10d6102bd6e3f258ca5ac880b020ea259 mdistiller/distillers/DKD.py L8-L51; with LS: "
+        "sunshangquan/logit-standardization-KD@f6e5aa5172bad618e801163c3385322eea673754 mdistiller/distillers/DKD.py L7-L58"
+    )
+    departures = (
+        "unlabelled_nckd: true lets unlabelled samples (label -1, which the reference never "
+        "sees) feed NCKD around the teacher's argmax; default false leaves them out",
+    )
     uses_labels = True
 
     def __init__(
@@ -79,7 +87,7 @@ class DKD(LossHead):
         t = self.temperature
         has_label = labelled(batch)
         target = batch["label"].clamp_min(0)
-        z_s = student.logits.float()
+        z_s = wide(student.logits)
         if self.logit_standardization:
             z_s, teacher = standardize(z_s), standardized_teacher(teacher)
         log_p_s = F.log_softmax(z_s / t, dim=1)

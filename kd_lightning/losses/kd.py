@@ -9,7 +9,7 @@ from torch import Tensor
 
 from kd_lightning.losses.base import Batch, LossHead, check_temperature
 from kd_lightning.losses.logit_standardization import standardize, standardized_teacher
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 
 
 class KLDivergence(LossHead):
@@ -25,6 +25,12 @@ class KLDivergence(LossHead):
     """
 
     default_name = "kd"
+    reference = (
+        "sunshangquan/logit-standardization-KD@f6e5aa5172bad618e801163c3385322eea673754 mdistiller/distillers/KD.py L7-L19 (logit_standardization off: "
+        "HobbitLong/RepDistiller@b84f547c5db6a35318d4671d7d5c4de74c822403 "
+        "distiller_zoo/KD.py L13-L17)"
+    )
+    departures = ()
 
     def __init__(
         self,
@@ -39,7 +45,7 @@ class KLDivergence(LossHead):
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
         t = self.temperature
-        z_s = student.logits.float()
+        z_s = wide(student.logits)
         if self.logit_standardization:
             z_s, teacher = standardize(z_s), standardized_teacher(teacher)
         log_p_s = F.log_softmax(z_s / t, dim=1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 
 #: the reference's additive guard on the standard deviation
 EPS = 1e-7
@@ -34,5 +34,5 @@ def standardize(logits: Tensor) -> Tensor:
 
 def standardized_teacher(teacher: TeacherOutput) -> TeacherOutput:
     """Every member's logits standardised (an ensemble then averages their soft targets)."""
-    return TeacherOutput([ModelOutput(standardize(m.logits.float()), m.features)
+    return TeacherOutput([ModelOutput(standardize(wide(m.logits)), m.features)
                           for m in teacher.members], teacher.weights)

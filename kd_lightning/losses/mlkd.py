@@ -11,7 +11,7 @@ from torch import Tensor
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch, LossHead
 from kd_lightning.losses.logit_standardization import standardize
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 
 #: batch key marking the rows that are the strongly augmented view of a sample
 STRONG_KEY = "strong_view"
@@ -37,7 +37,7 @@ def batch_correlation(z_s: Tensor, z_t: Tensor, t: float) -> Tensor:
 
 def below_median_fraction(values: Tensor) -> Tensor:
     """The fraction of ``values`` at or below their median (numpy's interpolated median)."""
-    return (values <= torch.quantile(values, 0.5)).float().mean()
+    return (values <= torch.quantile(values, 0.5)).to(values.dtype).mean()
 
 
 class MLKD(LossHead):
@@ -64,13 +64,29 @@ class MLKD(LossHead):
     (derived from Jin-Ying/Multi-Level-Logit-Distillation): temperatures (T_base, 3, 5, 2, 6)
     with T_base = 4, distillation weight 9, CE weight 1 on each view; with
     ``logit_standardization`` (LS, Sun et al. 2024) T_base = 2 and only the instance-level
-    terms standardise their logits. (The released code computes the strong view's T = 2 and 6
-    terms on the weak logits, a copy slip; here every T uses the strong logits.)
+    terms standardise their logits. The released code computes the strong view's T = 2 and 6
+    terms (the 4th and 5th temperatures) on the *weak* logits, a copy slip that the published
+    numbers include: ``strong_view_slip: true`` (default) keeps it, ``false`` computes every
+    strong term on the strong logits. The strong view's class- and batch-level terms are
+    computed by the reference but never enter its loss, so they are left out here too.
 
     Args:
         temperatures: the temperatures of every level.
         logit_standardization: z-score logits in the instance-level terms.
+        strong_view_slip: the strong view's 4th and 5th instance terms read the weak logits,
+            as the released code does (set ``false`` for the evident intent).
     """
+
+    reference = (
+        "Jin-Ying/Multi-Level-Logit-Distillation@5ee473fcf193dfb00a0598b64d0acfe6ad58a482 "
+        "mdistiller/distillers/KD_ours.py L13-L47, L96-L255; with LS: "
+        "sunshangquan/logit-standardization-KD@f6e5aa5172bad618e801163c3385322eea673754 "
+        "mdistiller/distillers/MLKD.py L12-L28, L97-L273"
+    )
+    departures = (
+        "strong_view_slip: false computes the strong view's 4th and 5th instance terms on the "
+        "strong logits; the reference (default true) computes them on the weak logits",
+    )
 
     default_name = "mlkd"
 
@@ -79,9 +95,11 @@ class MLKD(LossHead):
         weight: float = 9.0,
         temperatures: list[float] | None = None,
         logit_standardization: bool = False,
+        strong_view_slip: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(weight, **kwargs)
+        self.strong_view_slip = bool(strong_view_slip)
         temps = [4.0, 3.0, 5.0, 2.0, 6.0] if temperatures is None else [float(t) for t in temperatures]
         if not temps or any(t <= 0 for t in temps):
             raise ConfigError("MLKD.temperatures", temperatures,
@@ -90,7 +108,7 @@ class MLKD(LossHead):
         self.logit_standardization = logit_standardization
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
-        z_s, z_t = student.logits.float(), teacher.logits.float()
+        z_s, z_t = wide(student.logits), wide(teacher.logits)
         strong = batch.get(STRONG_KEY)
         if strong is not None:
             strong = strong.bool()
@@ -109,8 +127,10 @@ class MLKD(LossHead):
                 loss = loss + m * batch_correlation(zs_w, zt_w, t)
         if strong is not None and strong.any():
             ks, kt = self._instance_logits(z_s[strong], z_t[strong])
-            for t in self.temperatures:
-                loss = loss + instance_kd(ks, kt, t)
+            ws, wt = self._instance_logits(zs_w, zt_w) if len(zs_w) else (ks, kt)
+            for k, t in enumerate(self.temperatures):
+                slip = self.strong_view_slip and k >= 3 and len(zs_w)
+                loss = loss + (instance_kd(ws, wt, t) if slip else instance_kd(ks, kt, t))
         return loss
 
     def _instance_logits(self, z_s: Tensor, z_t: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning.losses.base import Batch, LossHead
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 
 
 class LogitMSE(LossHead):
@@ -19,6 +19,8 @@ class LogitMSE(LossHead):
     """
 
     default_name = "mse"
+    reference = "standard formula: Ba & Caruana 2014 §2.2, 1/(N·C) Σ (z_s - z_t)²"
+    departures = ()
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
-        return F.mse_loss(student.logits.float(), teacher.logits.float())
+        return F.mse_loss(wide(student.logits), wide(teacher.logits))

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch, LossHead
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 from kd_lightning.losses.schedules import Schedule
 
 
@@ -27,6 +27,11 @@ class PseudoLabel(LossHead):
     """
 
     default_name = "pseudo_label"
+    reference = (
+        "standard formula: Lee 2013 pseudo-labels with FixMatch's confidence mask "
+        "(Sohn et al. 2020, eq. 4): 1/N Σ 1[max p_t ≥ τ] · CE(z_s, argmax p_t)"
+    )
+    departures = ()
 
     def __init__(
         self,
@@ -42,7 +47,7 @@ class PseudoLabel(LossHead):
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
         confidence, target = teacher.probs().max(dim=1)
-        per_sample = F.cross_entropy(student.logits.float(), target, reduction="none")
+        per_sample = F.cross_entropy(wide(student.logits), target, reduction="none")
         if self.threshold > 0:
             per_sample = per_sample * (confidence >= self.threshold)
         return per_sample.mean()

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch, LossHead
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 
 
 class WTTM(LossHead):
@@ -34,6 +34,11 @@ class WTTM(LossHead):
     """
 
     default_name = "wttm"
+    reference = (
+        "zkxufo/TTM@fe457b33a71ba27536ec04fe3d32c5b04963522f distiller_zoo/wttm.py L13-L21 "
+        "(weighted false: distiller_zoo/ttm.py L13-L21)"
+    )
+    departures = ()
 
     def __init__(
         self, weight: float = 1.0, gamma: float = 0.1, weighted: bool = True, **kwargs: Any
@@ -45,7 +50,7 @@ class WTTM(LossHead):
         self.weighted = weighted
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
-        log_p_s = F.log_softmax(student.logits.float(), dim=1)
+        log_p_s = F.log_softmax(wide(student.logits), dim=1)
         # log p_t^γ = γ·log p_t; in log space a zero teacher probability stays finite
         log_pow = self.gamma * teacher.log_probs(1.0)
         log_u = torch.logsumexp(log_pow, dim=1)  # log U_γ
