@@ -12,6 +12,12 @@ pass feeds, so ordinary forward hooks — the ones feature heads use — see the
     the attention probabilities of layer ``i``, ``(B, heads, L, L)``. Only computed while a
     hook is registered on one of them, and then with the eager attention implementation
     (fused kernels such as SDPA never materialise the matrix).
+``attention_scores.{i}``
+    the pre-softmax attention scores of layer ``i``, ``(B, heads, L, L)``: ``Q·Kᵀ/√d`` plus
+    TinyBERT's additive mask ``(1 - mask)·(-10000)`` on padded keys (its
+    ``transformer/modeling.py`` L401-L406 and L830), recomputed from the outputs of each
+    layer's ``query``/``key`` projections (BERT-style ``attention.self``; other
+    architectures raise a ConfigError). Only computed while a hook is registered on one.
 ``pooler``
     the pooled sentence vector, ``(B, H)``: the model's own pooler output where it has one
     (BERT: tanh(W·h_[CLS])), otherwise the last layer's first-token state.
@@ -26,6 +32,7 @@ data's vocabulary size, as an untrained network.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -58,13 +65,21 @@ class HFTextClassifier(nn.Module):
         self.embeddings = nn.Identity()
         self.hidden = nn.ModuleList(nn.Identity() for _ in range(depth))
         self.attention = nn.ModuleList(nn.Identity() for _ in range(depth))
+        self.attention_scores = nn.ModuleList(nn.Identity() for _ in range(depth))
         self.pooler = nn.Identity()
         self.feature_layers: tuple[str, ...] = (
             "embeddings",
             *(f"hidden.{i}" for i in range(depth)),
             *(f"attention.{i}" for i in range(depth)),
+            *(f"attention_scores.{i}" for i in range(depth)),
             "pooler",
         )
+        #: per layer: its self-attention module, whose query/key outputs give the scores
+        self._self_attn = _bert_self_attention(model, depth)
+        self._qk: dict[tuple[str, int], Tensor] | None = None
+        for i, attn in enumerate(self._self_attn or ()):
+            attn.query.register_forward_hook(self._keep_qk("q", i))
+            attn.key.register_forward_hook(self._keep_qk("k", i))
         self._pooled: Tensor | None = None
         base = getattr(model, "base_model", model)
         own_pooler = getattr(base, "pooler", None)
@@ -85,12 +100,39 @@ class HFTextClassifier(nn.Module):
     def _attention_hooked(self) -> bool:
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.attention)
 
+    def _keep_qk(self, kind: str, index: int) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+            if self._qk is not None:
+                self._qk[(kind, index)] = output
+
+        return hook
+
+    def _feed_scores(self, attention_mask: Tensor) -> None:
+        """TinyBERT's attention scores from the captured query/key projections."""
+        qk, self._qk = self._qk or {}, None
+        pad = (1.0 - attention_mask[:, None, None, :].to(qk[("q", 0)].dtype)) * -10000.0
+        for i, (tap, attn) in enumerate(zip(self.attention_scores, self._self_attn or ())):
+            b, length, _ = qk[("q", i)].shape
+            heads, size = attn.num_attention_heads, attn.attention_head_size
+            q = qk[("q", i)].view(b, length, heads, size).transpose(1, 2)
+            k = qk[("k", i)].view(b, length, heads, size).transpose(1, 2)
+            tap(q @ k.transpose(-1, -2) / math.sqrt(size) + pad)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         want_attn = self._attention_hooked()
         if want_attn and self.model.config._attn_implementation != "eager":
             # SDPA/flash kernels never form the probability matrix that the taps need
             self.model.set_attn_implementation("eager")
         self._pooled = None
+        want_scores = any(m._forward_hooks or m._forward_pre_hooks for m in self.attention_scores)
+        if want_scores:
+            if self._self_attn is None:
+                raise ConfigError(
+                    "attention_scores", type(self.model).__name__,
+                    "score taps need BERT-style attention (attention.self.query/key); "
+                    "use the attention.{i} probabilities (AttentionMSE attention: probabilities)",
+                )
+            self._qk = {}
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -105,9 +147,24 @@ class HFTextClassifier(nn.Module):
         if want_attn:
             for tap, a in zip(self.attention, out.attentions):
                 tap(a)
+        if want_scores:
+            self._feed_scores(attention_mask)
         self.pooler(self._pooled if self._pooled is not None else states[-1][:, 0])
         self._pooled = None
         return out.logits
+
+
+def _bert_self_attention(model: nn.Module, depth: int) -> list[nn.Module] | None:
+    """Each encoder layer's ``attention.self`` (query, key, head counts), or None."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is None or len(layers) != depth:
+        return None
+    found = [getattr(getattr(layer, "attention", None), "self", None) for layer in layers]
+    needs = ("query", "key", "num_attention_heads", "attention_head_size")
+    if all(m is not None and all(hasattr(m, n) for n in needs) for m in found):
+        return found
+    return None
 
 
 def check_vocab(model: HFTextClassifier, vocab_size: int | None, name: str) -> None:
