@@ -146,6 +146,18 @@ def test_fitnet(spatial, width):
     check(head, {"a": f_s}, {"b": f_t}, reference)
 
 
+@pytest.mark.parametrize("dims", [(8, 8), (6, 10)])
+def test_fitnet_flat_hint(dims):
+    f_s, f_t = maps(17, (N, dims[0]), (N, dims[1]), relu=True)
+    head = built(FitNet(student_layers="a", teacher_layers="b"), {"a": f_s}, {"b": f_t})
+
+    def reference(s, t, p):  # RD models/util.py L157-L168 (Regress: linear, ReLU), FitNet.py
+        x = F.linear(s["a"].view(N, -1), p["connectors.0.proj.weight"], p["connectors.0.proj.bias"])
+        return F.mse_loss(x.relu(), t["b"])
+
+    check(head, {"a": f_s}, {"b": f_t}, reference)
+
+
 # -- AT, NST ----------------------------------------------------------------------------
 @pytest.mark.parametrize("spatial,width", RELATIONS)
 def test_attention_transfer(spatial, width):

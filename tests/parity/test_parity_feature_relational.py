@@ -177,3 +177,19 @@ def test_crd(shape):
     check(head, {"a": f_s}, {"b": f_t}, reference, batch={"index": index})
     assert_rel(head.memory_s, updated["s"], "student memory after the update")
     assert_rel(head.memory_t, updated["t"], "teacher memory after the update")
+
+
+FEATURE_HEADS = ["FitNet", "AttentionTransfer", "SimilarityPreserving", "RKD", "PKT", "NST", "CRD",
+                 "CorrelationCongruence", "AB", "OFD", "VID", "KDSVD", "FSP", "FactorTransfer",
+                 "ReviewKD"]
+
+
+@pytest.mark.parametrize("name", FEATURE_HEADS)
+def test_every_feature_head_names_its_reference_at_a_full_commit(name):
+    import re
+
+    import kd_lightning.losses as losses
+
+    head = getattr(losses, name)
+    assert re.search(r"[\w-]+/[\w.-]+@[0-9a-f]{40} \S+\.py L\d+-L\d+", head.reference), name
+    assert all(isinstance(d, str) and d for d in head.departures)
