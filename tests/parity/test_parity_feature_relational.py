@@ -193,3 +193,19 @@ def test_every_feature_head_names_its_reference_at_a_full_commit(name):
     head = getattr(losses, name)
     assert re.search(r"[\w-]+/[\w.-]+@[0-9a-f]{40} \S+\.py L\d+-L\d+", head.reference), name
     assert all(isinstance(d, str) and d for d in head.departures)
+
+
+@pytest.mark.parametrize("name,kwargs,field", [
+    ("FitNet", {"resize": "nearest"}, "FitNet.resize"),
+    ("AB", {"connector": "never"}, "AB.connector"),
+    ("AB", {"init": "xavier"}, "AB.init"),
+    ("OFD", {"init": "xavier"}, "OFD.init"),
+    ("FactorTransfer", {"paraphraser_lr": 0.0}, "FactorTransfer.paraphraser_lr"),
+])
+def test_the_departure_options_reject_bad_values(name, kwargs, field):
+    import kd_lightning.losses as losses
+    from kd_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        getattr(losses, name)(student_layers="a", teacher_layers="b", **kwargs)
+    assert info.value.field == field
