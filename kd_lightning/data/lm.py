@@ -64,7 +64,7 @@ class PromptCompletionDataModule(L.LightningDataModule):
         data_files: ``{train: path, val: path, test: path}`` of JSON/JSONL/parquet files.
         tokenizer: a tokenizer folder (or hub id, online) for ``AutoTokenizer``.
         data_dir: where the tokenized cache goes.
-        max_length: tokens per example; the prompt is cut from the left to leave at least
+        max_length: tokens per example; the prompt is cut from the left to leave room for
             ``min_completion`` completion tokens, the completion from the right.
         batch_size, eval_batch_size, num_workers, seed: as usual.
     """
@@ -198,8 +198,9 @@ class PromptCompletionDataModule(L.LightningDataModule):
         )["input_ids"]
         ids, lens = [], []
         for p, c in zip(prompts, completions):
-            c = c[: self.max_length - 1]
-            p = p[-max(1, self.max_length - max(len(c), self.min_completion)) :]
+            # the prompt keeps its last max_length − min_completion tokens, the completion
+            # fills what is left (and its EOS is kept only when it fits)
+            p = p[-(self.max_length - self.min_completion) :]
             c = c[: self.max_length - len(p)]
             ids.append(p + c)
             lens.append(len(p))

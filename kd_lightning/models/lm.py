@@ -78,7 +78,14 @@ def build_causal_lm(
         if vocab_size is None:
             raise ConfigError(field, name, "a built-in decoder needs the data's vocabulary size")
         try:
-            config = getattr(transformers, cls)(**{**defaults, **kwargs, "vocab_size": vocab_size})
+            if int(kwargs.get("vocab_size", vocab_size)) < vocab_size:
+                raise ConfigError(
+                    f"{field}_kwargs.vocab_size",
+                    kwargs["vocab_size"],
+                    f"use at least the tokenizer's {vocab_size} tokens",
+                )
+            # a larger vocab_size pads the table (as Qwen's); the module cuts it to the real one
+            config = getattr(transformers, cls)(**{**defaults, "vocab_size": vocab_size, **kwargs})
             model = transformers.AutoModelForCausalLM.from_config(config)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{field}_kwargs", kwargs, str(err).splitlines()[0]) from None
