@@ -12,10 +12,26 @@ DistilBERT's hidden-state cosine loss.
   ``examples/research_projects/distillation/distiller.py``, ``alpha_cos``, on the last
   layer's states of the non-padding tokens).
 
-Padding positions never count: every mean runs over the tokens whose
-``batch["attention_mask"]`` is 1 (for attention matrices: valid query *and* key), so the
-loss of a sample does not depend on how much its batch was padded. Token-level matching
-needs student and teacher to read the same tokens, hence one shared tokenization.
+Padding positions never count by default (``mask_padding: true``): every mean runs over the
+tokens whose ``batch["attention_mask"]`` is 1 (for attention matrices: valid query *and*
+key), so the loss of a sample does not depend on how much its batch was padded. DistilBERT
+masks the same way; TinyBERT does not (``mask_padding: false`` gives its plain means over all
+positions). Token-level matching needs student and teacher to read the same tokens, hence one
+shared tokenization.
+
+Which form each piece takes (the defaults, and what the shipped configs use):
+
+* TinyBERT's exact form is ``AttentionMSE(attention: scores, mask_padding: false)`` with
+  ``HiddenStateMSE(shared_projection: true, mask_padding: false)``: pre-softmax scores with
+  padded keys zeroed, one ``fit_dense`` projection for every layer, plain means (its
+  ``task_distill.py`` L940-L962, ``transformer/modeling.py`` L1120-L1142). The defaults
+  (attention probabilities, one projection per pair, padding masked) are kd-lightning's
+  form; each difference is a named option listed in the head's ``departures``.
+* Projections are initialised as TinyBERT's ``init_bert_weights`` (``modeling.py`` L628-L640)
+  and TextBrewer do: weights ~ N(0, 0.02), bias 0 (``init: default`` gives PyTorch's).
+* ``configs/text/sst2/distilbert.yaml`` uses ``HiddenStateCosine`` on the last layers,
+  DistilBERT's own form (masked, ``CosineEmbeddingLoss`` mean). No shipped config uses
+  ``HiddenStateMSE`` or ``AttentionMSE``; the text tests use their defaults.
 
 The layers are named like the text models' feature layers (``kd_lightning.models.hf``):
 ``embeddings``, ``hidden.{i}``, ``attention.{i}``, ``pooler``. A ``layer_map`` of
@@ -36,9 +52,27 @@ from torch import Tensor, nn
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.base import Batch
 from kd_lightning.losses.feature import FeatureHead
-from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from kd_lightning.losses.outputs import ModelOutput, TeacherOutput, wide
 
 LayerRef = int | str
+
+TB = "huawei-noah/Pretrained-Language-Model@0598f02d7fc4eaa7b4cbc1e9d7ab18bc875c24f9"
+#: TinyBERT's init_bert_weights: Linear weights ~ N(0, initializer_range = 0.02), bias 0
+INIT_STD = 0.02
+
+
+def _projection(s_width: int, t_width: int, init: str) -> nn.Linear:
+    lin = nn.Linear(s_width, t_width)
+    if init == "normal":
+        nn.init.normal_(lin.weight, mean=0.0, std=INIT_STD)
+        nn.init.zeros_(lin.bias)
+    return lin
+
+
+def _check_choice(head: str, field: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{head}.{field}", value, f"use one of {', '.join(choices)}")
+    return value
 
 
 def _layer_names(
@@ -112,26 +146,49 @@ class _TokenHead(FeatureHead):
 class HiddenStateMSE(_TokenHead):
     """TinyBERT hidden-state loss: ``Σ_pairs mean_{real tokens, dims}((h_s W + b - h_t)²)``.
 
-    One learned projection per pair maps the student's width onto the teacher's; it is a
-    student-side module (trained with the student, saved in the checkpoint). Works on
-    token states (B, L, H), masked by ``attention_mask``, and on pooled vectors (B, H).
+    One learned projection per pair maps the student's width onto the teacher's (or, with
+    ``shared_projection``, TinyBERT's single ``fit_dense`` for every pair, applied even at
+    equal widths); it is a student-side module (trained with the student, saved in the
+    checkpoint). Works on token states (B, L, H), masked by ``attention_mask`` unless
+    ``mask_padding: false``, and on pooled vectors (B, H).
 
     Args:
         weight: TinyBERT weighs its layer losses 1:1 with the prediction loss.
         layer_map: ``[[student_layer, teacher_layer], …]`` indices of ``hidden.{i}`` (or
             layer names); or give ``student_layers``/``teacher_layers`` instead.
         project: learn the projection ``W``; default (``None``): only when the widths differ.
+        shared_projection: one projection for all pairs (TinyBERT's ``fit_dense``).
+        mask_padding: average over real tokens only (``false``: TinyBERT's mean over all).
+        init: ``normal`` (N(0, 0.02), bias 0, TinyBERT/TextBrewer) or ``default`` (PyTorch).
     """
 
     default_name = "hidden_mse"
     feature_ranks = (2, 3)
+    reference = (
+        f"{TB} TinyBERT/task_distill.py L958-L962 (rep_loss: MSELoss on fit_dense(h_s), h_t) "
+        "and TinyBERT/transformer/modeling.py L1120-L1142 (fit_dense), L628-L640 (init)"
+    )
+    departures = (
+        "shared_projection: false (default) learns one projection per layer pair, only where "
+        "the widths differ; true is TinyBERT's single fit_dense on every student layer",
+        "mask_padding: true (default) averages over real tokens; false is TinyBERT's mean over "
+        "every position, padding included",
+        "init: default uses PyTorch's Linear init; the default normal is TinyBERT's N(0, 0.02)",
+    )
 
     def __init__(
         self, weight: float = 1.0, layer_map: Sequence[Sequence[LayerRef]] | None = None, *,
-        project: bool | None = None, **kwargs: Any,
+        project: bool | None = None, shared_projection: bool = False, mask_padding: bool = True,
+        init: str = "normal", **kwargs: Any,
     ) -> None:
         super().__init__(weight, layer_map, **kwargs)
+        if shared_projection and project is False:
+            raise ConfigError("HiddenStateMSE.project", False,
+                              "shared_projection always projects: drop project: false")
         self.project = project
+        self.shared_projection = bool(shared_projection)
+        self.mask_padding = bool(mask_padding)
+        self.init = _check_choice("HiddenStateMSE", "init", init, ("normal", "default"))
         self.projections = nn.ModuleList()
 
     def build_pairs(self, shapes: list[tuple[torch.Size, torch.Size]]) -> None:
@@ -149,16 +206,30 @@ class HiddenStateMSE(_TokenHead):
                     f"widths differ ({s_shape[-1]} vs {t_shape[-1]}): allow the projection",
                 )
             same = s_shape[-1] == t_shape[-1] and not self.project
-            projections.append(nn.Identity() if same else nn.Linear(s_shape[-1], t_shape[-1]))
+            projections.append(
+                nn.Identity() if same else _projection(s_shape[-1], t_shape[-1], self.init)
+            )
+        if self.shared_projection:
+            widths = {(s[-1], t[-1]) for s, t in shapes}
+            if len(widths) != 1:
+                raise ConfigError(
+                    "HiddenStateMSE.shared_projection", True,
+                    f"one projection needs one (student, teacher) width pair, got {sorted(widths)}",
+                )
+            ((s_width, t_width),) = widths
+            projections = [_projection(s_width, t_width, self.init)]
         self.projections = nn.ModuleList(projections)
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
-        if len(self.projections) != len(self.layer_pairs):
+        n_proj = 1 if self.shared_projection else len(self.layer_pairs)
+        if len(self.projections) != n_proj:
             raise RuntimeError("HiddenStateMSE.build() must run first: the DistillationModule does")
-        total = student.logits.new_zeros((), dtype=torch.float32)
-        for proj, (f_s, f_t) in zip(self.projections, self.pairs(student, teacher)):
-            sq = (proj(f_s).float() - f_t.float()).pow(2)
-            if sq.dim() == 2:
+        total = wide(student.logits).new_zeros(())
+        pairs = self.pairs(student, teacher)
+        projections = list(self.projections) * len(pairs) if self.shared_projection else self.projections
+        for proj, (f_s, f_t) in zip(projections, pairs):
+            sq = (wide(proj(f_s)) - wide(f_t)).pow(2)
+            if sq.dim() == 2 or not self.mask_padding:
                 total = total + sq.mean()
                 continue
             mask = self.token_mask(batch, sq.shape[1]).unsqueeze(-1)
@@ -170,19 +241,45 @@ class HiddenStateMSE(_TokenHead):
 
 class AttentionMSE(_TokenHead):
     """TinyBERT attention loss: ``Σ_pairs mean_{heads, real query i, real key j}(A_s - A_t)²``
-    on attention probabilities (B, heads, L, L) of ``attention.{i}``.
+    on attention probabilities (B, heads, L, L) of ``attention.{i}``, or with
+    ``attention: scores`` on TinyBERT's pre-softmax scores of ``attention_scores.{i}``
+    (there, as in TinyBERT, every score ≤ -100 (the padded keys) counts as 0 on both sides).
 
     TinyBERT needs as many student as teacher heads; with different counts both sides are
     averaged over their heads first (then the loss compares one map per layer).
 
     Args:
         weight: TinyBERT's 1.
-        layer_map: ``[[student_layer, teacher_layer], …]`` indices of ``attention.{i}``.
+        layer_map: ``[[student_layer, teacher_layer], …]`` indices of ``attention.{i}``
+            (``attention_scores.{i}`` with ``attention: scores``).
+        attention: ``probabilities`` (default) or ``scores`` (TinyBERT).
+        mask_padding: average over real (query, key) pairs only (``false``: TinyBERT's mean
+            over every entry).
     """
 
     default_name = "attention_mse"
     feature_ranks = (4,)
     layer_prefix = "attention"
+    reference = f"{TB} TinyBERT/task_distill.py L940-L956 (att_loss on attention scores)"
+    departures = (
+        "attention: probabilities (default) matches the softmax outputs; scores is TinyBERT's "
+        "pre-softmax form with padded keys zeroed",
+        "mask_padding: true (default) averages over real (query, key) pairs; false is "
+        "TinyBERT's mean over every entry, padded queries included",
+    )
+
+    def __init__(
+        self, weight: float = 1.0, layer_map: Sequence[Sequence[LayerRef]] | None = None, *,
+        attention: str = "probabilities", mask_padding: bool = True, **kwargs: Any,
+    ) -> None:
+        attention = _check_choice(
+            "AttentionMSE", "attention", attention, ("probabilities", "scores")
+        )
+        if attention == "scores":  # integers in layer_map then name the score taps
+            self.layer_prefix = "attention_scores"
+        super().__init__(weight, layer_map, **kwargs)
+        self.attention = attention
+        self.mask_padding = bool(mask_padding)
 
     #: per pair: the head counts differ, so compare head-averaged maps (set by ``build``)
     _average_heads: tuple[bool, ...] = ()
@@ -191,12 +288,18 @@ class AttentionMSE(_TokenHead):
         self._average_heads = tuple(s[1] != t[1] for s, t in shapes)
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
-        total = student.logits.new_zeros((), dtype=torch.float32)
+        total = wide(student.logits).new_zeros(())
         average = self._average_heads or (False,) * len(self.layer_pairs)
         for avg, (a_s, a_t) in zip(average, self.pairs(student, teacher)):
-            a_s, a_t = a_s.float(), a_t.float()
+            a_s, a_t = wide(a_s), wide(a_t)
+            if self.attention == "scores":  # TinyBERT: scores <= -1e2 (masked keys) are 0
+                a_s = torch.where(a_s <= -1e2, torch.zeros_like(a_s), a_s)
+                a_t = torch.where(a_t <= -1e2, torch.zeros_like(a_t), a_t)
             if avg:
                 a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+            if not self.mask_padding:
+                total = total + (a_s - a_t).pow(2).mean()
+                continue
             tokens = self.token_mask(batch, a_s.shape[-1])
             mask = (tokens[:, :, None] & tokens[:, None, :]).unsqueeze(1)  # (B, 1, L, L)
             sq = (a_s - a_t).pow(2)
@@ -221,6 +324,12 @@ class HiddenStateCosine(_TokenHead):
 
     default_name = "hidden_cos"
     feature_ranks = (2, 3)
+    reference = (
+        "huggingface/transformers@7f51f558038d1023dfb5032bba264f19f18fe559 "
+        "examples/research_projects/distillation/distiller.py L114-L115 (CosineEmbeddingLoss, "
+        "mean) and the alpha_cos block of Distiller.step (last layer, attention_mask selected)"
+    )
+    departures = ()
 
     def build_pairs(self, shapes: list[tuple[torch.Size, torch.Size]]) -> None:
         for (s_name, t_name), (s_shape, t_shape) in zip(self.layer_pairs, shapes):
@@ -233,9 +342,9 @@ class HiddenStateCosine(_TokenHead):
                 )
 
     def forward(self, student: ModelOutput, teacher: TeacherOutput, batch: Batch) -> Tensor:
-        total = student.logits.new_zeros((), dtype=torch.float32)
+        total = wide(student.logits).new_zeros(())
         for f_s, f_t in self.pairs(student, teacher):
-            dist = 1.0 - F.cosine_similarity(f_s.float(), f_t.float(), dim=-1, eps=1e-8)
+            dist = 1.0 - F.cosine_similarity(wide(f_s), wide(f_t), dim=-1, eps=1e-8)
             if dist.dim() == 1:
                 total = total + dist.mean()
                 continue
