@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -126,3 +127,46 @@ def test_store_teacher_command_and_bad_input(stream, tmp_path):
         StreamingImageDataModule(str(tmp_path))
     with pytest.raises(ConfigError, match="either -c"):
         main(["data", "optimize", "--output_dir", str(tmp_path / "o")])
+
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAtStep(L.Callback):
+    """Die (uncleanly: no checkpoint on the way out) when ``global_step`` reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(self.step)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_fit_runs_every_remaining_epoch(stream, tmp_path, workers):
+    """Issue 21 finding 1: a fit resumed mid-epoch from a streaming checkpoint trained its
+    resumed epoch and then stopped: LitData's loader kept its ``restore`` flag because
+    Lightning ends the epoch without exhausting the iterator, so every later epoch was empty
+    and the fit exited 0 short of ``max_epochs``."""
+    args = [
+        "fit", "--model=kd_lightning.modules.DistillationModule", "--model.student=resnet8",
+        "--model.teacher.model=resnet8", "--model.teacher.allow_untrained=true",
+        "--data=kd_lightning.data.StreamingImageDataModule",
+        f"--data.init_args.input_dir={stream}", "--data.init_args.batch_size=4",
+        "--data.init_args.image_size=32", "--data.init_args.resize_size=36",
+        f"--data.init_args.num_workers={workers}", *DEBUG_TRAINER[:2],
+        "--trainer.limit_val_batches=1", "--trainer.max_epochs=3", "--test_after_fit=false",
+        "--checkpoint.every_n_train_steps=2", *logger_args(tmp_path / "logs"),
+        f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+    ]
+    # 12 samples / batch 4 = 3 steps per epoch; last.ckpt at step 4 (1 batch into epoch 1)
+    with pytest.raises(Crash):
+        main([*args, "--trainer.callbacks+=tests.test_streaming.CrashAtStep",
+              "--trainer.callbacks.step=5"])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (1, 4)
+    resumed = main([*args, "--ckpt_path=last"])
+    assert resumed.trainer.global_step == 9 and resumed.trainer.current_epoch == 3

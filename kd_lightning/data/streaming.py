@@ -189,7 +189,47 @@ def _streaming_dataset_class() -> type:
     return ImageStream
 
 
+def _loader_class() -> type:
+    """``ResumedStreamLoader``, defined on first use (like ``ImageStream``)."""
+    if "ResumedStreamLoader" in globals():
+        return globals()["ResumedStreamLoader"]
+    from litdata import StreamingDataLoader
+
+    class ResumedStreamLoader(StreamingDataLoader):
+        """A ``StreamingDataLoader`` whose restored position lasts one epoch.
+
+        ``load_state_dict`` sets ``restore``, which makes ``__iter__`` continue the saved
+        stream instead of starting a new epoch; LitData clears it only when an iteration runs
+        to exhaustion. Lightning ends an epoch after its known number of batches without
+        exhausting the iterator, so the flag survived the resumed epoch and every later
+        epoch replayed the exhausted position: no batches, and the fit stopped short with
+        exit 0 (issue 21, finding 1). Here an iteration that starts after a restored one
+        has yielded a batch is a new epoch.
+        """
+
+        _restored_epoch_ran = False
+
+        def __iter__(self) -> Iterator[Any]:
+            if self.restore and self._restored_epoch_ran:
+                self.restore = False
+            self._restored_epoch_ran = False
+            restoring = self.restore
+            for batch in super().__iter__():
+                self._restored_epoch_ran = restoring
+                yield batch
+
+        def load_state_dict(self, obj: dict[str, Any]) -> None:
+            super().load_state_dict(obj)
+            self._restored_epoch_ran = False
+
+    ResumedStreamLoader.__module__, ResumedStreamLoader.__qualname__ = __name__, "ResumedStreamLoader"
+    globals()["ResumedStreamLoader"] = ResumedStreamLoader
+    return ResumedStreamLoader
+
+
 def __getattr__(name: str) -> Any:
+    if name == "ResumedStreamLoader":
+        return _loader_class()
     if name == "ImageStream":
         return _streaming_dataset_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -296,14 +336,12 @@ class StreamingImageDataModule(ImageDataMixin, L.LightningDataModule):
         self.test_set = self._stream("test", "eval", False, False) if "test" in self.splits else self.val_set
 
     def _streaming_loader(self, split: str, batch_size: int) -> Any:
-        from litdata import StreamingDataLoader
-
         from kd_lightning.data.imagefolder import collate_images
 
         # one loader per split for the whole fit: its state (epoch, samples yielded) is what
         # a checkpoint saves and a resume restores
         if split not in self._loaders:
-            self._loaders[split] = StreamingDataLoader(
+            self._loaders[split] = _loader_class()(
                 getattr(self, f"{split}_set"), batch_size=batch_size, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, collate_fn=collate_images,
                 # fresh workers every epoch: each gets the stream's new epoch, hence its view

@@ -31,6 +31,8 @@ class TeacherSpec:
         model_kwargs: extra builder arguments for ``model``.
         weights: optional ``state_dict`` file (``torch.save(model.state_dict())``) for ``model``.
         weight: the teacher's weight in a multi-teacher ensemble.
+        allow_untrained: distil from a teacher with no trained weights (no checkpoint, no
+            ``weights`` file, no pretrained weights): a fit or store refuses one otherwise.
     """
 
     checkpoint: str | None = None
@@ -38,6 +40,7 @@ class TeacherSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     weight: float = 1.0
+    allow_untrained: bool = False
 
 
 def _load_file(path: str, field_name: str) -> Any:
