@@ -48,8 +48,10 @@ class DKD(LossHead):
         temperature: T > 0 (4.0 on CIFAR-100, 1.0 on ImageNet).
         unlabelled_nckd: unlabelled samples feed NCKD around the teacher's argmax.
         logit_standardization: z-score both networks' logits per sample first (Sun et al.
-            2024). Their CIFAR-100 "DKD+LS" run sets alpha=9, beta=81 and keeps T=4 (their
-            ``tools/train.py`` scales alpha by 9 and sets beta from the scaled alpha).
+            2024). Their published CIFAR-100 "DKD+LS" run had alpha=9, beta=81, T=4
+            (sunshangquan/logit-standardization-KD@25b60266579aa2639ce073aa855c7ff0fbb40437
+            ``tools/train.py`` L115-L118 sets beta from the scaled alpha and leaves DKD.T at 4;
+            the current code gives beta 72, T 2, but the logs predate it).
     """
 
     default_name = "dkd"

@@ -60,11 +60,15 @@ class MLKD(LossHead):
     the single view; the reference trains with both (its ``get_dataset_strong``), so leave the
     strong view out only knowingly.
 
-    Reference: sunshangquan/logit-standardization-KD ``mdistiller/distillers/MLKD.py``
-    (derived from Jin-Ying/Multi-Level-Logit-Distillation): temperatures (T_base, 3, 5, 2, 6)
-    with T_base = 4, distillation weight 9, CE weight 1 on each view; with
-    ``logit_standardization`` (LS, Sun et al. 2024) T_base = 2 and only the instance-level
-    terms standardise their logits. The released code computes the strong view's T = 2 and 6
+    Reference: Jin-Ying/Multi-Level-Logit-Distillation ``mdistiller/distillers/KD_ours.py``
+    (temperatures (T_base, 3, 5, 2, 6) with T_base = 4; its ``engine/cfg.py`` L59-L64: KD
+    weight 0.9 and CE weight 0.1, the CE summed over both views); with
+    ``logit_standardization`` (LS, Sun et al. 2024, sunshangquan/logit-standardization-KD
+    ``mdistiller/distillers/MLKD.py``; at 25b6026, the commit of its published logs, ``engine/cfg.py``
+    has KD weight 9 and CE 1, the current one CE 0.1) T_base = 2 and
+    only the instance-level terms standardise their logits. kd-lightning's CrossEntropy
+    averages over all rows, so with both views in the batch a CE weight of 2·0.1 equals the
+    reference's sum of the two views' CE. The released code computes the strong view's T = 2 and 6
     terms (the 4th and 5th temperatures) on the *weak* logits, a copy slip that the published
     numbers include: ``strong_view_slip: true`` (default) keeps it, ``false`` computes every
     strong term on the strong logits. The strong view's class- and batch-level terms are
