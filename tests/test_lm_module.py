@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -43,7 +45,7 @@ def _split(batch, parts):
 def _one_step(tmp_path, parts):
     torch.manual_seed(0)
     module = CausalLMModule("llama", TINY, num_classes=V, generate_samples=0,
-                            optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+                            optimizer=functools.partial(torch.optim.SGD, lr=1.0))
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=parts,
                        limit_val_batches=0)
@@ -160,3 +162,37 @@ def test_padded_vocabularies_are_cut_to_the_real_one():
     student = CausalLMModule("llama", TINY, num_classes=V)
     s_out = student.lm_output(student.model, _window(), hidden=False)
     assert TokenDivergence()(s_out, out, {}) > 0
+
+
+class _Rows(torch.utils.data.Dataset):
+    """The window's 8 sequences, one row per item (default collation stacks them)."""
+
+    def __init__(self) -> None:
+        self.batch = _window()
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def _update(tmp_path, batch_size, accumulate, **trainer_kwargs):
+    torch.manual_seed(0)
+    module = CausalLMModule("llama", TINY, num_classes=V, generate_samples=0,
+                            optimizer=functools.partial(torch.optim.SGD, lr=1.0))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate,
+                       limit_val_batches=0, **trainer_kwargs)
+    trainer.fit(module, train_dataloaders=DataLoader(_Rows(), batch_size=batch_size))
+    return {k: before[k] - v for k, v in module.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_gradient_is_invariant_to_the_rank_split_under_gloo_ddp(tmp_path):
+    # 8 sequences in one step: one process with the whole window, against 2 gloo ranks
+    # each accumulating 2 micro-batches of 2 (the DistributedSampler interleaves the rows)
+    whole = _update(tmp_path / "one", 8, 1)
+    ddp = _update(tmp_path / "ddp", 2, 2, strategy="ddp_spawn", devices=2)
+    for k in whole:
+        torch.testing.assert_close(ddp[k], whole[k], rtol=1e-4, atol=1e-7)

@@ -154,7 +154,11 @@ class PromptCompletionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        import datasets
+        try:
+            import datasets
+        except ImportError:
+            raise ConfigError("data", type(self).__name__,
+                              'it needs Hugging Face datasets: pip install "kd-lightning[llm]"') from None
 
         rows = self.load_rows()
         key = hashlib.sha256(

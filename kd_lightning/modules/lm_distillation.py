@@ -140,7 +140,11 @@ class _CausalLMCore:
         dm = getattr(self._trainer, "datamodule", None)
         if not self.generate_samples or dm is None or not hasattr(dm, "generation_pairs"):
             return
-        from rouge_score import rouge_scorer
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError:
+            raise ConfigError("model.generate_samples", self.generate_samples,
+                              'ROUGE-L needs rouge-score: pip install "kd-lightning[llm]", or set 0') from None
 
         tokenizer = dm.tokenizer
         scorer = rouge_scorer.RougeScorer(["rougeL"])
