@@ -64,7 +64,7 @@ def per_epoch(run: Interleaved, skip: int) -> tuple[tuple[float, float], float]:
 def kd_module(pair: dict, cache: bool) -> DistillationModule:
     return DistillationModule(
         student=pair["student"],
-        teacher=TeacherSpec(model=pair["teacher"], model_kwargs=pair["teacher_kwargs"]),
+        teacher=TeacherSpec(model=pair["teacher"], model_kwargs=pair["teacher_kwargs"], allow_untrained=True),
         num_classes=10, input_shape=pair["shape"], optimizer=sgd,
         performance=Performance(teacher_cache="memory" if cache else "off"),
     )

@@ -67,7 +67,7 @@ def build(cfg: dict[str, Any]) -> L.LightningModule:
             )
         return module
     return DistillationModule(
-        student="resnet20", teacher=TeacherSpec(model="resnet56"), num_classes=10,
+        student="resnet20", teacher=TeacherSpec(model="resnet56", allow_untrained=True), num_classes=10,
         input_shape=(3, 32, 32), optimizer=sgd,
         performance=Performance(
             teacher_cache="memory" if cfg.get("cache") else "off",

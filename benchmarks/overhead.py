@@ -136,7 +136,7 @@ def fit(module: L.LightningModule, batches: list[dict], refs: dict) -> Interleav
 def distiller(pair: dict) -> DistillationModule:
     return DistillationModule(
         student=pair["student"],
-        teacher=TeacherSpec(model=pair["teacher"], model_kwargs=pair["teacher_kwargs"]),
+        teacher=TeacherSpec(model=pair["teacher"], model_kwargs=pair["teacher_kwargs"], allow_untrained=True),
         num_classes=10, input_shape=pair["shape"], optimizer=sgd,
     )
 

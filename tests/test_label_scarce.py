@@ -245,7 +245,7 @@ def test_teacher_only_heads_use_every_sample(head):
 def test_all_unlabelled_batch_gives_finite_loss_and_gradients():
     module = DistillationModule(
         student="mlp_tiny",
-        teacher=TeacherSpec(model="mlp_tiny"),
+        teacher=TeacherSpec(model="mlp_tiny", allow_untrained=True),
         heads=[CrossEntropy(0.1, label_smoothing=0.1), KLDivergence(0.9), DKD(1.0),
                FitNet(1.0, student_layers="layer1", teacher_layers="layer1")],
     )

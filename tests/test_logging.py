@@ -44,7 +44,7 @@ class StepLosses(L.Callback):
 
 
 def distiller() -> DistillationModule:
-    return DistillationModule(student="mlp_tiny", teacher=TeacherSpec(model="lenet5"))
+    return DistillationModule(student="mlp_tiny", teacher=TeacherSpec(model="lenet5", allow_untrained=True))
 
 
 def classifier() -> ClassifierModule:

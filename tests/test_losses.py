@@ -420,7 +420,7 @@ def test_bad_head_arguments(make, field):
 
 
 def _module(heads, student="lenet5", **kwargs) -> DistillationModule:
-    teacher = TeacherSpec(model="lenet5", model_kwargs={"width": 2})
+    teacher = TeacherSpec(model="lenet5", model_kwargs={"width": 2}, allow_untrained=True)
     return DistillationModule(student=student, teacher=teacher, heads=heads, **kwargs)
 
 

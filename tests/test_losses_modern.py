@@ -241,7 +241,7 @@ def test_ctkd_is_kd_at_its_learnt_temperature_with_reversed_gradient(logits):
 
 
 def test_ctkd_temperature_is_in_the_optimizer_and_checkpoint():
-    teacher = TeacherSpec(model="lenet5", model_kwargs={"width": 2})
+    teacher = TeacherSpec(model="lenet5", model_kwargs={"width": 2}, allow_untrained=True)
     module = DistillationModule(student="mlp_tiny", teacher=teacher,
                                 heads=[CrossEntropy(0.1), CTKD(0.9)])
     theta = module.heads[1].theta

@@ -45,7 +45,8 @@ def test_optimize_writes_litdata_chunks_and_counts_skipped(stream):
 def test_kd_fit_on_the_stream_and_resume_position(stream, tmp_path):
     cli = main([
         "fit", "--model=kd_lightning.modules.DistillationModule", "--model.student=resnet8",
-        "--model.teacher.model=resnet8", "--data=kd_lightning.data.StreamingImageDataModule",
+        "--model.teacher.model=resnet8", "--model.teacher.allow_untrained=true",
+        "--data=kd_lightning.data.StreamingImageDataModule",
         f"--data.init_args.input_dir={stream}", "--data.init_args.batch_size=4",
         "--data.init_args.image_size=32", "--data.init_args.resize_size=36",
         "--data.init_args.num_workers=0", "--data.init_args.augment_views=1",
@@ -115,7 +116,7 @@ def test_two_ddp_ranks_read_disjoint_samples(stream, tmp_path):
 def test_store_teacher_command_and_bad_input(stream, tmp_path):
     cfg = tmp_path / "kd.yaml"
     cfg.write_text(
-        "model:\n  init_args:\n    teacher: {model: resnet8}\n"
+        "model:\n  init_args:\n    teacher: {model: resnet8, allow_untrained: true}\n"
         "data:\n  class_path: kd_lightning.data.StreamingImageDataModule\n"
         f"  init_args: {{input_dir: {stream}, image_size: 32, resize_size: 36, augment_views: 2}}\n"
     )

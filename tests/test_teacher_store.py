@@ -41,7 +41,7 @@ def _data(tree: Path, views: int = 2, **kw) -> ImageFolderDataModule:
 def _module() -> DistillationModule:
     torch.manual_seed(0)
     return DistillationModule(
-        student="resnet8", teacher=TeacherSpec(model="resnet20"), num_classes=CLASSES,
+        student="resnet8", teacher=TeacherSpec(model="resnet20", allow_untrained=True), num_classes=CLASSES,
         input_shape=(3, 32, 32), optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
     )
 
@@ -163,7 +163,7 @@ def test_kd_fit_with_the_disk_store_through_the_cli(tree, tmp_path):
     store = tmp_path / "store"
     args = [
         "fit", "--model=kd_lightning.modules.DistillationModule", "--model.student=resnet8",
-        "--model.teacher.model=resnet8", "--model.performance.teacher_cache=disk",
+        "--model.teacher.model=resnet8", "--model.teacher.allow_untrained=true", "--model.performance.teacher_cache=disk",
         f"--model.performance.store_dir={store}", "--model.performance.store_topk=2",
         "--data=kd_lightning.data.ImageFolderDataModule", f"--data.init_args.data_dir={tree}",
         "--data.init_args.image_size=32", "--data.init_args.resize_size=36",

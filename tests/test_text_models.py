@@ -357,7 +357,7 @@ def test_distillation_module_with_transformer_heads_on_a_bert_pair(tmp_path):
     weights = _teacher_state(tmp_path, layers=4)
     module = DistillationModule(
         student="bert", student_kwargs={"layers": 2, "hidden": 16, "heads": 2},
-        teacher=TeacherSpec(model="bert", model_kwargs={**TINY_BERT, "layers": 4},
+        teacher=TeacherSpec(model="bert", model_kwargs={**TINY_BERT, "layers": 4}, allow_untrained=True,
                             weights=str(weights)),
         input_shape=(16,), num_classes=2, vocab_sizes={"input_ids": VOCAB},
         heads=[KLDivergence(1.0, temperature=2.0), HiddenStateMSE(1.0, layer_map=[[0, 1], [1, 3]]),

@@ -138,7 +138,12 @@ def optimize(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- store-teacher -------------------------------------------------------------------------------
 def store_teacher(args: argparse.Namespace) -> Any:
-    from kd_lightning.modules.teacher import TeacherSpec, build_teacher, fingerprint
+    from kd_lightning.modules.teacher import (
+        TeacherSpec,
+        build_teacher,
+        fingerprint,
+        refuse_untrained,
+    )
     from kd_lightning.modules.teacher_store import TeacherStore
 
     config = load_config(args.config)
@@ -158,6 +163,8 @@ def store_teacher(args: argparse.Namespace) -> Any:
         build_teacher(TeacherSpec(**s), dm.num_classes, dm.input_shape[0], "model.teacher").to(device)
         for s in specs
     ]
+    for teacher in teachers:
+        refuse_untrained(teacher)
     store = TeacherStore(args.output, args.k, args.value_dtype)
     store.bind(dm, dm.num_classes, [fingerprint(t) for t in teachers])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

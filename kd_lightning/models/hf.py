@@ -244,7 +244,13 @@ def build_hf(
         if vocab_size is not None:
             config.vocab_size = int(vocab_size)
         model = AutoModelForSequenceClassification.from_config(config)
+    # from_pretrained returns eval mode and Lightning keeps a module's mode at fit start: a
+    # fine-tuned model would train without dropout (issue 21, finding 2). A teacher is put
+    # back in eval mode when it is frozen.
+    model.train()
     wrapped = HFTextClassifier(model)
+    #: trained weights were loaded (an untrained teacher is refused, modules/teacher.py)
+    wrapped.kd_pretrained = bool(pretrained)
     check_vocab(wrapped, vocab_size, f"hf:{name}")
     return wrapped
 

@@ -75,6 +75,8 @@ def build(name: str, num_classes: int = 1000, in_channels: int = 3, **kwargs: An
     adapt_input_channels(model, in_channels, f"tv:{name}")
     embedding = attach_embedding(model, num_classes)
     model.feature_layers = (*stage_outputs(model), *([embedding] if embedding else []))
+    #: trained weights were loaded (an untrained teacher is refused, modules/teacher.py)
+    model.kd_pretrained = weights is not None
     return model
 
 

@@ -122,6 +122,10 @@ class BaseModule(L.LightningModule):
         self._pending_epoch_state = checkpoint.get("kd_train_epoch")
 
     def on_train_start(self) -> None:
+        from kd_lightning.callbacks.mode_check import check_train_modes
+
+        # after Lightning's own mode handling: trainable parts train, teachers stay frozen
+        check_train_modes(self)
         # (not on_train_epoch_start: Lightning skips that hook for an epoch resumed midway)
         state, self._pending_epoch_state = self._pending_epoch_state, None
         # only when this fit resumes that checkpoint (not for weights loaded with

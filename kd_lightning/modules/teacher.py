@@ -99,7 +99,24 @@ def build_teacher(
         raise ConfigError(
             field_name, spec, "give a teacher `checkpoint`, or a `model` name (plus optional `weights`)"
         )
+    trained = bool(spec.checkpoint or spec.weights or getattr(model, "kd_pretrained", False))
+    #: (field, model name) of a teacher with random weights that was not allowed to be one
+    model.kd_untrained = None if trained or spec.allow_untrained else (field_name, spec.model)
     return freeze(model)
+
+
+def refuse_untrained(teacher: nn.Module) -> None:
+    """A fit or store must not distil from a random network without saying so (issue 21,
+    finding 4): ``tv:``/``timm:`` and built-in models start untrained."""
+    untrained = getattr(teacher, "kd_untrained", None)
+    if untrained:
+        field_name, name = untrained
+        raise ConfigError(
+            f"{field_name}.model", name,
+            f"this teacher has no trained weights (no {field_name}.checkpoint, "
+            f"{field_name}.weights or pretrained weights such as model_kwargs.weights for tv:); "
+            f"give them, or set {field_name}.allow_untrained: true to distil from a random network",
+        )
 
 
 def _check_trained_inputs(hparams: dict, inputs: dict[str, Any], field_name: str, path: str) -> None:

@@ -271,7 +271,7 @@ def test_factor_transfer_paraphraser_lr_is_its_own_param_group():
     def module(**ft):
         head = FactorTransfer(student_layers="layer2", teacher_layers="layer2", **ft)
         return DistillationModule(
-            student="lenet5", teacher=TeacherSpec(model="lenet5", model_kwargs={"width": 2}),
+            student="lenet5", teacher=TeacherSpec(model="lenet5", model_kwargs={"width": 2}, allow_untrained=True),
             heads=[head], optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
         )
 
