@@ -144,7 +144,9 @@ def test_imagenet_config_trains_two_steps(cfg, tree, tmp_path):
     for head in config["model"]["init_args"]["heads"]:
         if head["class_path"].endswith(".CRD"):  # the 1.28M-sample bank: sized from the tree instead
             head["init_args"].update(num_samples=None, nce_k=4)
-    config["model"]["init_args"]["teacher"].pop("model_kwargs")  # no weights offline: built untrained
+    teacher = config["model"]["init_args"]["teacher"]
+    teacher.pop("model_kwargs")  # no weights offline: built untrained, which must be allowed
+    teacher["allow_untrained"] = True
     small = tmp_path / cfg.name
     small.write_text(yaml.safe_dump(config))
     cli = main([
