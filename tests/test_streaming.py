@@ -124,6 +124,11 @@ def test_store_teacher_command_and_bad_input(stream, tmp_path):
                   "--k", "2", "--device", "cpu", "--batch_size", "5"])
     assert store.tables["train"].filled.shape == (13, 2)
     assert int(store.tables["train"].filled.sum()) == 2 * 12 and int(store.tables["val"].filled.sum()) == 12
+    # issue 21, finding 4: a random teacher is refused unless the config allows it
+    cfg.write_text(cfg.read_text().replace(", allow_untrained: true", ""))
+    with pytest.raises(ConfigError, match=r"model\.teacher\.model='resnet8'.*allow_untrained: true"):
+        main(["data", "store-teacher", "-c", str(cfg), "--output", str(tmp_path / "random"),
+              "--k", "2", "--device", "cpu"])
     with pytest.raises(ConfigError, match="no LitData train split"):
         StreamingImageDataModule(str(tmp_path))
     with pytest.raises(ConfigError, match="either -c"):
