@@ -196,3 +196,17 @@ def test_gradient_is_invariant_to_the_rank_split_under_gloo_ddp(tmp_path):
     ddp = _update(tmp_path / "ddp", 2, 2, strategy="ddp_spawn", devices=2)
     for k in whole:
         torch.testing.assert_close(ddp[k], whole[k], rtol=1e-4, atol=1e-7)
+
+
+def test_hf_folder_teacher_with_its_tokenizer_is_checked_against_the_data(lm_data, tmp_path):
+    dm, _ = lm_data
+    folder = tmp_path / "hf-teacher"
+    CausalLMModule("llama", TINY, num_classes=dm.num_classes).model.save_pretrained(folder)
+    dm.tokenizer.save_pretrained(folder)
+    kd = LMDistillationModule("llama", TINY, TeacherSpec(model=f"hf:{folder}"),
+                              num_classes=dm.num_classes, generate_samples=0)
+    assert kd.teacher.kd_tokenizer == dm.tokenizer_digest  # the same tokenizer: accepted
+    _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(kd, dm)
+    with pytest.raises(ConfigError, match="model.teacher"):
+        LMDistillationModule("llama", TINY, TeacherSpec(model=f"hf:{tmp_path / 'missing'}"),
+                             num_classes=dm.num_classes)

@@ -38,6 +38,13 @@ INSTRUCTION = "Write a film critic's short review of the movie with this plot."
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
+def tokenizer_digest(tokenizer: Any) -> str:
+    """Identifies a vocabulary (token → id): equal digests, the same tokenization table."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[
+        :16
+    ]
+
+
 class PromptCompletionCollator:
     """Right-pads ``input_ids``; ``labels`` are -100 on prompt and padding tokens."""
 
@@ -97,10 +104,7 @@ class PromptCompletionDataModule(L.LightningDataModule):
         self.tokenizer = self.load_tokenizer()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        vocab = self.tokenizer.get_vocab()
-        self.tokenizer_digest = hashlib.sha256(
-            json.dumps(sorted(vocab.items())).encode()
-        ).hexdigest()[:16]
+        self.tokenizer_digest = tokenizer_digest(self.tokenizer)
         self.splits: dict[str, Any] = {}
 
     # -- what the modules read (linked by the CLI) --------------------------------------------
@@ -157,8 +161,11 @@ class PromptCompletionDataModule(L.LightningDataModule):
         try:
             import datasets
         except ImportError:
-            raise ConfigError("data", type(self).__name__,
-                              'it needs Hugging Face datasets: pip install "kd-lightning[llm]"') from None
+            raise ConfigError(
+                "data",
+                type(self).__name__,
+                'it needs Hugging Face datasets: pip install "kd-lightning[llm]"',
+            ) from None
 
         rows = self.load_rows()
         key = hashlib.sha256(

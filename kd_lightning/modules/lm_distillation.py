@@ -143,8 +143,11 @@ class _CausalLMCore:
         try:
             from rouge_score import rouge_scorer
         except ImportError:
-            raise ConfigError("model.generate_samples", self.generate_samples,
-                              'ROUGE-L needs rouge-score: pip install "kd-lightning[llm]", or set 0') from None
+            raise ConfigError(
+                "model.generate_samples",
+                self.generate_samples,
+                'ROUGE-L needs rouge-score: pip install "kd-lightning[llm]", or set 0',
+            ) from None
 
         tokenizer = dm.tokenizer
         scorer = rouge_scorer.RougeScorer(["rougeL"])
@@ -279,10 +282,24 @@ def build_lm_teacher(spec: TeacherSpec, vocab: int, field: str) -> nn.Module:
         model = build_causal_lm(spec.model, vocab, spec.model_kwargs, f"{field}.model")
         if spec.weights:
             model.load_state_dict(read_checkpoint(spec.weights, f"{field}.weights", "fix the path"))
-        model.kd_tokenizer = None
+        model.kd_tokenizer = _folder_tokenizer(spec.model)
     else:
         raise ConfigError(field, spec, "give a teacher `checkpoint` or a `model` (hf:<folder>)")
     return freeze(model)
+
+
+def _folder_tokenizer(name: str) -> str | None:
+    """The digest of the tokenizer saved beside an ``hf:`` model, if it has one."""
+    if not name.startswith("hf:"):
+        return None
+    from transformers import AutoTokenizer
+
+    from kd_lightning.data.lm import tokenizer_digest
+
+    try:
+        return tokenizer_digest(AutoTokenizer.from_pretrained(name[3:]))
+    except (OSError, ValueError):
+        return None
 
 
 class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
