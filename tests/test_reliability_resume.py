@@ -185,3 +185,83 @@ def test_sigterm_during_validation_finishes_it_then_saves(tmp_path, mnist_teache
     val = saved["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["current"]
     assert val["completed"] == 3  # all 3 validation batches ran after the signal
     assert not list((tmp_path / "ckpt").glob("last-v*.ckpt"))  # one last.ckpt, not two
+
+
+# -- every DataModule ------------------------------------------------------------------------
+def _datamodule_args(kind: str, root: Path) -> list[str]:
+    """A tiny fit's data and model for each kd-lightning DataModule, on files in its real
+    on-disk format (ImageFolder JPEGs, CIFAR pickles, LitData chunks, a HF DatasetDict)."""
+    from kd_lightning.cli import main
+    from tests.helpers.fake_data import write_cifar10
+    from tests.helpers.jpeg_tree import write_jpeg_tree
+    from tests.test_text_data import write_toy_dataset
+
+    image = ["--data.init_args.image_size=16", "--data.init_args.resize_size=18",
+             "--data.init_args.num_workers=0", "--model.model=resnet8"]
+    if kind == "mnist":
+        return ["--model.model=mlp_tiny", "--data=kd_lightning.data.BundledMNISTDataModule",
+                "--data.init_args.batch_size=16", "--data.init_args.eval_batch_size=50"]
+    if kind == "cifar":
+        return ["--model.model=resnet8", "--data=kd_lightning.data.CIFAR10DataModule",
+                f"--data.init_args.data_dir={write_cifar10(root / 'cifar')}",
+                "--data.init_args.batch_size=16", "--data.init_args.num_workers=0"]
+    if kind in ("imagefolder", "streaming"):
+        tree = write_jpeg_tree(root / "jpegs", classes=3, per_class=6)
+        if kind == "imagefolder":
+            return ["--data=kd_lightning.data.ImageFolderDataModule", *image,
+                    f"--data.init_args.data_dir={tree}", "--data.init_args.batch_size=4"]
+        main(["data", "optimize", "--data_dir", str(tree), "--output_dir", str(root / "litdata"),
+              "--num_workers", "1"])
+        # deterministic views: a stream has no per-step RNG seeding, so fresh-random crops
+        # would differ after a resume (the streaming module's documented exact-resume path)
+        return ["--data=kd_lightning.data.StreamingImageDataModule", *image,
+                f"--data.init_args.input_dir={root / 'litdata'}", "--data.init_args.batch_size=4",
+                "--data.init_args.augment_views=2"]
+    return ["--model.model=bag_of_embeddings", "--model.model_kwargs={embed_dim: 8}",
+            "--data=kd_lightning.data.HFTextDataModule", "--data.init_args.dataset=toy",
+            f"--data.init_args.data_dir={write_toy_dataset(root / 'text')}",
+            "--data.init_args.vocab_size=200", "--data.init_args.max_length=16",
+            "--data.init_args.batch_size=16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mnist", "cifar", "imagefolder", "streaming", "text"])
+def test_sigkill_mid_epoch_resumes_to_the_same_end_for_every_datamodule(tmp_path, kind):
+    """Killed with SIGKILL one step after the step-4 checkpoint (1 batch into epoch 1 of 3 ×
+    3 steps), then resumed: the same final step and the same test metrics as a run never
+    interrupted. (The streaming case failed before the fix of issue 21, finding 1: its
+    resumed fit stopped at step 6, after the resumed epoch.)"""
+    from kd_lightning.cli import main
+
+    data = _datamodule_args(kind, tmp_path)
+
+    def args(out: Path) -> list[str]:
+        return [
+            "fit", "--model=kd_lightning.modules.ClassifierModule", *data, *DEBUG_TRAINER,
+            "--trainer.max_epochs=3", "--trainer.limit_train_batches=3",
+            "--trainer.deterministic=true", "--checkpoint.every_n_train_steps=2",
+            "--seed_everything=3", "--test_after_fit=true", f"--checkpoint.dirpath={out / 'ckpt'}",
+            *logger_args(out / "logs"),
+        ]
+
+    def run(*extra: str) -> dict[str, float]:
+        cli = main([*args(tmp_path / "killed"), *extra])
+        assert cli.trainer.global_step == 9
+        return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+    killed = subprocess.run(
+        [sys.executable, "-c", CONSOLE, *args(tmp_path / "killed"),
+         "--trainer.callbacks+=tests.helpers.faults.SignalAtStep",
+         "--trainer.callbacks.step=5", "--trainer.callbacks.signal=SIGKILL"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    saved = load(tmp_path / "killed" / "ckpt" / "last.ckpt")
+    assert (saved["epoch"], saved["global_step"]) == (1, 4)  # mid-epoch 1
+    resumed = run("--ckpt_path=last")
+    main_out = tmp_path / "reference"
+    cli = main(args(main_out))
+    reference = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+    assert cli.trainer.global_step == 9 and "test/acc" in reference
+    assert resumed == reference
