@@ -311,3 +311,28 @@ def test_sgd_no_decay_1d_matches_dist_kd_param_groups():
     for p, p0, g in zip(net.parameters(), before, grads):
         d = g + (0.5 * p0 if p0.ndim > 1 else 0.0)  # first step: buf = d; nesterov: d + 0.9·buf
         torch.testing.assert_close(p.detach(), p0 - 0.1 * (d + 0.9 * d), rtol=1e-12, atol=1e-12)
+
+
+def test_cifar_strong_view_doubles_the_batch_for_mlkd(cifar100_root):
+    """data.strong_view: each batch of B images holds 2·B rows, the strong views flagged for
+    the MLKD head (reference: get_dataset_strong, RandAugment(2, 10) + Cutout)."""
+    from kd_lightning.data import CIFAR100DataModule
+    from kd_lightning.errors import ConfigError
+    from kd_lightning.losses import MLKD
+    from kd_lightning.losses.outputs import ModelOutput
+
+    dm = CIFAR100DataModule(data_dir=str(cifar100_root), val_fraction=0.0, batch_size=4,
+                            strong_view=True)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 3, 32, 32)
+    assert batch["strong_view"].tolist() == [False] * 4 + [True] * 4
+    assert torch.equal(batch["label"][:4], batch["label"][4:])
+    assert torch.equal(batch["index"][:4], batch["index"][4:])
+    assert not torch.equal(batch["image"][:4], batch["image"][4:])
+    assert len(dm.test_set[0]) == 4 and "strong_image" not in dm.test_set[0]  # eval: one view
+    logits = torch.randn(8, 100, dtype=torch.float64)
+    loss = MLKD(weight=0.9)(ModelOutput(logits), ModelOutput(logits + 0.1), batch)
+    assert torch.isfinite(loss) and loss > 0
+    with pytest.raises(ConfigError, match="data.strong_view"):
+        CIFAR100DataModule(data_dir=str(cifar100_root), strong_view=True, augment_on_device=True)

@@ -141,6 +141,11 @@ class KDDataModule(ResumableTrainOrder, L.LightningDataModule):
         """PIL-level training augmentations (before ToTensor/Normalize)."""
         return []
 
+    def strong_augmentations(self) -> list[Callable] | None:
+        """PIL-level augmentations of a second, strong view of every training image (MLKD's;
+        ``kd_lightning.data.strong_augment``), or None for a single view."""
+        return None
+
     # -- Lightning hooks ---------------------------------------------------------------
     def prepare_data(self) -> None:
         if self.download:
@@ -198,6 +203,13 @@ class KDDataModule(ResumableTrainOrder, L.LightningDataModule):
         if augmentations:
             transform = T.Compose([*augmentations, T.ToTensor(), T.Normalize(self.mean, self.std)])
         views = self.augment_views if train else 0
+        strong = self.strong_augmentations() if train and self.augment else None
+        if strong:  # two views per image: the batch holds both (strong_augment.collate_strong_views)
+            from kd_lightning.data.strong_augment import StrongViewDataset
+
+            pipeline = T.Compose([*strong, T.ToTensor(), T.Normalize(self.mean, self.std)])
+            return StrongViewDataset(images, labels, indices, transform, self.mean, self.std, views,
+                                     seed, strong_transform=pipeline)
         return ArrayImageDataset(images, labels, indices, transform, self.mean, self.std, views, seed)
 
     def _loader(
@@ -209,7 +221,7 @@ class KDDataModule(ResumableTrainOrder, L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle if sampler is None else None,
             sampler=sampler,
-            collate_fn=collate_batch if raw else None,
+            collate_fn=collate_batch if raw else getattr(dataset, "collate", None),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

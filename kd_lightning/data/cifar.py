@@ -36,6 +36,10 @@ class CIFAR10DataModule(KDDataModule):
             mdistiller, torchdistill) or ``reflect`` (Knowledge-Distillation-Zoo's
             ``Pad(4, padding_mode='reflect')`` + ``RandomCrop(32)``, train_kd.py L205-206).
         mean, std: normalisation constants (default: the class's reference constants).
+        strong_view: also yield a strongly augmented view of every training image (MLKD's:
+            crop + flip + RandAugment(2) + Cutout, ``kd_lightning.data.strong_augment``); a
+            batch of B images then has 2·B rows, ``batch["strong_view"]`` marking the strong
+            ones. Needs the PIL path (no ``augment_on_device``, ``augment_views`` 0).
         **kwargs: see ``KDDataModule``.
     """
 
@@ -53,9 +57,14 @@ class CIFAR10DataModule(KDDataModule):
         crop_padding_mode: Literal["constant", "reflect"] = "constant",
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
+        strong_view: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if strong_view and (self.augment_on_device or self.augment_views or not self.augment):
+            raise ConfigError("data.strong_view", strong_view, "the strong view needs augment: true, "
+                              "augment_on_device: false and augment_views: 0")
+        self.strong_view = bool(strong_view)
         if crop_padding_mode not in ("constant", "reflect"):
             raise ConfigError("data.crop_padding_mode", crop_padding_mode, "use constant or reflect")
         self.crop_padding_mode = crop_padding_mode
@@ -77,6 +86,13 @@ class CIFAR10DataModule(KDDataModule):
     def augmentations(self) -> list:
         return [T.RandomCrop(32, padding=4, padding_mode=self.crop_padding_mode),
                 T.RandomHorizontalFlip()]
+
+    def strong_augmentations(self) -> list | None:
+        if not self.strong_view:
+            return None
+        from kd_lightning.data.strong_augment import StrongAugment
+
+        return [*self.augmentations(), StrongAugment(2)]
 
     def load_arrays(self, train: bool) -> tuple[Tensor, Tensor]:
         root = Path(self.data_dir) / self.folder

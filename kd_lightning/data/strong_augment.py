@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from torch import Tensor
+from torch.utils.data import default_collate
 
+from kd_lightning.data.datasets import ArrayImageDataset
 from kd_lightning.errors import ConfigError
 
 Op = Callable[[Image.Image, float], Image.Image]
@@ -114,3 +119,41 @@ def strong_cifar_transform(
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
+
+
+class StrongViewDataset(ArrayImageDataset):
+    """An ``ArrayImageDataset`` whose samples also carry ``strong_image``: the same image
+    through ``strong_transform`` (the DataModules' ``strong_view`` option). ``collate``
+    (``collate_strong_views``) turns a list of such samples into one batch of 2·B rows."""
+
+    def __init__(self, *args: Any, strong_transform: Callable, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.strong_transform = strong_transform
+        self.collate = collate_strong_views
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        sample = super().__getitem__(key)
+        i = key[0] if isinstance(key, tuple) else key
+        array = self.images[int(self.indices[i])].numpy()
+        pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        sample["strong_image"] = self.strong_transform(pil)
+        return sample
+
+    def get_batch(self, keys):  # per image anyway (PIL pipelines)
+        return collate_strong_views([self[k] for k in keys])
+
+
+def collate_strong_views(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """B samples → one batch of 2·B rows: the B ordinary views, then the B strong views of
+    the same images (labels and indices repeated; ``view`` -1 on the strong rows, fresh
+    random), flagged by ``batch["strong_view"]`` (what the ``MLKD`` head reads). The
+    reference sums the CE of both views: a CrossEntropy head, which averages over the 2·B
+    rows, needs twice the reference's CE weight to equal it."""
+    batch = default_collate(samples)
+    strong = batch.pop("strong_image")
+    n = len(strong)
+    out = {k: torch.cat([v, v]) for k, v in batch.items() if k not in ("image", "view")}
+    out["image"] = torch.cat([batch["image"], strong])
+    out["view"] = torch.cat([batch["view"], torch.full_like(batch["view"], -1)])
+    out["strong_view"] = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    return out
