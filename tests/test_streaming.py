@@ -151,7 +151,8 @@ class CrashAtStep(L.Callback):
             raise Crash(self.step)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# 2 workers: ~12 s on a shared 2-core CPU (worker start-up every epoch)
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resumed_fit_runs_every_remaining_epoch(stream, tmp_path, workers):
     """Issue 21 finding 1: a fit resumed mid-epoch from a streaming checkpoint trained its
     resumed epoch and then stopped: LitData's loader kept its ``restore`` flag because

@@ -18,7 +18,10 @@ teacher store or CRD memory bank built on the ImageFolder keys the same samples 
 scheme: it assigns chunks to DDP ranks and DataLoader workers (every rank and node sees a
 disjoint share of the shuffled stream), reshuffles every epoch from ``seed``, and the
 ``StreamingDataLoader``'s ``state_dict`` — which Lightning saves in every checkpoint and
-restores on ``--ckpt_path`` — lets a resumed fit continue its stream where it stopped.
+restores on ``--ckpt_path`` — lets a resumed fit continue its stream where it stopped (and,
+through ``ResumedStreamLoader``, start every later epoch afresh). A stream has no per-step
+RNG seeding, so a resumed fit repeats the uninterrupted one exactly with deterministic
+views (``augment_views`` > 0, or ``augment: false``), not with fresh-random crops.
 """
 
 from __future__ import annotations
