@@ -210,3 +210,34 @@ def test_hf_folder_teacher_with_its_tokenizer_is_checked_against_the_data(lm_dat
     with pytest.raises(ConfigError, match="model.teacher"):
         LMDistillationModule("llama", TINY, TeacherSpec(model=f"hf:{tmp_path / 'missing'}"),
                              num_classes=dm.num_classes)
+
+
+def test_local_jsonl_chat_and_prompt_completion_rows(lm_data, tmp_path):
+    import json
+
+    from kd_lightning.data.lm import PromptCompletionDataModule
+
+    dm, _ = lm_data
+    folder = tmp_path / "tok"
+    dm.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}")
+    dm.tokenizer.save_pretrained(folder)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Rate film {i}."},
+        {"role": "assistant", "content": " A fine film."}]}) for i in range(6)))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("\n".join(json.dumps({"prompt": "Plot: a heist.\nReview:",
+                                           "completion": " Tense."}) for _ in range(4)))
+    data = PromptCompletionDataModule({"train": str(chat), "val": str(plain), "test": str(plain)},
+                                      tokenizer=str(folder), data_dir=str(tmp_path / "cache"),
+                                      max_length=32, min_completion=8, batch_size=3)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    row = batch["labels"][0]
+    completion = dm.tokenizer.decode(row[row != -100])
+    assert completion == " A fine film." + dm.tokenizer.eos_token
+    prompt = dm.tokenizer.decode(batch["input_ids"][0][row == -100][: batch["attention_mask"][0].sum()])
+    assert prompt.startswith("user: Rate film") and prompt.rstrip().endswith("assistant:")
+    assert len(data.splits["val"]) == 4 and data.generation_pairs("test", 2)[0][1] == " Tense."
