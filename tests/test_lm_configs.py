@@ -32,5 +32,10 @@ def test_llm_config_parses_offline(path: Path):
 def test_quickstart_student_is_the_same_in_kd_and_scratch():
     kd = yaml.safe_load((LLM / "quickstart" / "kd.yaml").read_text())
     scratch = yaml.safe_load((LLM / "quickstart" / "scratch.yaml").read_text())
-    assert kd["model"]["init_args"]["student_kwargs"] == scratch["model"]["init_args"]["model_kwargs"]
-    assert kd["data"] == scratch["data"] and kd["trainer"]["max_epochs"] == scratch["trainer"]["max_epochs"]
+    assert (
+        kd["model"]["init_args"]["student_kwargs"] == scratch["model"]["init_args"]["model_kwargs"]
+    )
+    assert (
+        kd["data"] == scratch["data"]
+        and kd["trainer"]["max_epochs"] == scratch["trainer"]["max_epochs"]
+    )

@@ -41,7 +41,9 @@ def _brute(p, q):
     """KL(p ‖ q) for probability rows, a double loop in float64."""
     out = torch.zeros(p.shape[0], dtype=torch.float64)
     for n in range(p.shape[0]):
-        out[n] = sum(p[n, v] * math.log(p[n, v] / q[n, v]) for v in range(p.shape[1]) if p[n, v] > 0)
+        out[n] = sum(
+            p[n, v] * math.log(p[n, v] / q[n, v]) for v in range(p.shape[1]) if p[n, v] > 0
+        )
     return out
 
 
@@ -55,10 +57,15 @@ def test_each_divergence_equals_float64_brute_force(pair, temperature):
         "forward_kl": (forward_kl(s, t, temperature), _brute(pt, ps)),
         "reverse_kl": (reverse_kl(s, t, temperature), _brute(ps, pt)),
         "skew_kl": (skew_kl(s, t, a, temperature), _brute(pt, a * pt + (1 - a) * ps)),
-        "skew_reverse_kl": (skew_reverse_kl(s, t, a, temperature), _brute(ps, a * ps + (1 - a) * pt)),
+        "skew_reverse_kl": (
+            skew_reverse_kl(s, t, a, temperature),
+            _brute(ps, a * ps + (1 - a) * pt),
+        ),
         "tvd": (total_variation(s, t, temperature), 0.5 * (pt - ps).abs().sum(-1)),
-        "jsd": (generalized_jsd(s, t, b, temperature),
-                b * _brute(pt, (1 - b) * ps + b * pt) + (1 - b) * _brute(ps, (1 - b) * ps + b * pt)),
+        "jsd": (
+            generalized_jsd(s, t, b, temperature),
+            b * _brute(pt, (1 - b) * ps + b * pt) + (1 - b) * _brute(ps, (1 - b) * ps + b * pt),
+        ),
     }
     for name, (ours, ref) in expected.items():
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12, msg=name)
@@ -81,7 +88,8 @@ def _trl_generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temp
         b = torch.tensor(beta, dtype=s.dtype)
         m = torch.logsumexp(torch.stack([s + torch.log1p(-b), t + torch.log(b)]), 0)
         jsd = b * F.kl_div(m, t, reduction="none", log_target=True) + (1 - b) * F.kl_div(
-            m, s, reduction="none", log_target=True)
+            m, s, reduction="none", log_target=True
+        )
     mask = labels != -100
     return jsd[mask].sum() / mask.sum().clamp_min(1)
 
@@ -97,15 +105,21 @@ def _head_mean(head, s, t, labels):
 def test_jsd_equals_trl_generalized_jsd_loss_with_masks(pair, beta):
     s, t, labels = pair
     head = TokenDivergence(divergence="jsd", beta=beta, temperature=2.0)
-    torch.testing.assert_close(_head_mean(head, s, t, labels),
-                               _trl_generalized_jsd_loss(s, t, labels, beta, 2.0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        _head_mean(head, s, t, labels),
+        _trl_generalized_jsd_loss(s, t, labels, beta, 2.0),
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_continuous_jsd_tends_to_trls_end_points(pair):
     s, t, _ = pair
     s, t = s.reshape(-1, V), t.reshape(-1, V)
     for beta, end in ((1e-10, forward_kl(s, t)), (1 - 1e-10, reverse_kl(s, t))):
-        torch.testing.assert_close(generalized_jsd(s, t, beta, continuous=True), end, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            generalized_jsd(s, t, beta, continuous=True), end, rtol=1e-5, atol=1e-6
+        )
         # TRL's mixture form collapses to ~0 there instead: the jump the option removes
         assert generalized_jsd(s, t, beta).max() < 1e-5 < end.min()
 

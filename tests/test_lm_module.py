@@ -16,14 +16,25 @@ from kd_lightning.modules.lm_distillation import CausalLMModule, LMDistillationM
 from kd_lightning.modules.teacher import TeacherSpec
 
 V = 64
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2}
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 
 
 def _trainer(tmp_path, **kwargs):
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0, default_root_dir=tmp_path)
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     return L.Trainer(**{**defaults, **kwargs})
 
 
@@ -33,22 +44,26 @@ def _window(seed=0):
     ids = torch.randint(0, V, (8, 24), generator=g)
     labels = torch.full_like(ids, -100)
     for i, n in enumerate([20, 1, 3, 12, 2, 7, 15, 5]):
-        labels[i, 24 - n:] = ids[i, 24 - n:]
+        labels[i, 24 - n :] = ids[i, 24 - n :]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def _split(batch, parts):
     size = 8 // parts
-    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(parts)]
 
 
 def _one_step(tmp_path, parts):
     torch.manual_seed(0)
-    module = CausalLMModule("llama", TINY, num_classes=V, generate_samples=0,
-                            optimizer=functools.partial(torch.optim.SGD, lr=1.0))
+    module = CausalLMModule(
+        "llama",
+        TINY,
+        num_classes=V,
+        generate_samples=0,
+        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+    )
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=parts,
-                       limit_val_batches=0)
+    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=parts, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=DataLoader(_split(_window(), parts), batch_size=None))
     # SGD with lr 1: the update is the gradient of the step's loss
     return {k: before[k] - v for k, v in module.state_dict().items()}
@@ -77,10 +92,18 @@ def lm_data(tmp_path_factory):
     from kd_lightning.data.lm import MovieReviewsLMDataModule
 
     root = tmp_path_factory.mktemp("lm")
-    dm = MovieReviewsLMDataModule(data_dir=str(root / "data"), vocab_size=400, max_length=64,
-                                  min_completion=12, batch_size=8, eval_batch_size=32,
-                                  max_train_examples=64, max_eval_examples=32, val_films=4,
-                                  test_films=4)
+    dm = MovieReviewsLMDataModule(
+        data_dir=str(root / "data"),
+        vocab_size=400,
+        max_length=64,
+        min_completion=12,
+        batch_size=8,
+        eval_batch_size=32,
+        max_train_examples=64,
+        max_eval_examples=32,
+        val_films=4,
+        test_films=4,
+    )
     dm.setup()
     return dm, root
 
@@ -99,26 +122,34 @@ def test_movie_review_data_masks_the_prompt_and_saves_a_tokenizer_folder(lm_data
 
     again = AutoTokenizer.from_pretrained(dm.tokenizer_dir)  # a standard tokenizer folder
     assert again.get_vocab() == dm.tokenizer.get_vocab()
-    films = {split: {dm.references[split][i][0] for i in range(len(dm.splits[split]))}
-             for split in ("train", "val", "test")}
+    films = {
+        split: {dm.references[split][i][0] for i in range(len(dm.splits[split]))}
+        for split in ("train", "val", "test")
+    }
     assert not films["train"] & films["test"] and not films["train"] & films["val"]
 
 
 def test_teacher_student_kd_share_the_frozen_core_and_evaluate(lm_data, tmp_path):
     dm, _ = lm_data
     torch.manual_seed(0)
-    teacher = CausalLMModule("llama", TINY, num_classes=dm.num_classes, generate_samples=2,
-                             max_new_tokens=8)
+    teacher = CausalLMModule(
+        "llama", TINY, num_classes=dm.num_classes, generate_samples=2, max_new_tokens=8
+    )
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1, limit_test_batches=1)
     trainer.fit(teacher, dm)
     ckpt = tmp_path / "teacher.ckpt"
     trainer.save_checkpoint(ckpt)
     student_kwargs = {**TINY, "num_hidden_layers": 1}
     kd = LMDistillationModule(
-        "llama", student_kwargs, TeacherSpec(checkpoint=str(ckpt)),
+        "llama",
+        student_kwargs,
+        TeacherSpec(checkpoint=str(ckpt)),
         heads=[TokenDivergence(0.5, "jsd", beta=0.5), TokenCrossEntropy(0.5)],
-        init_from_teacher="every_kth", chunk_size=16, num_classes=dm.num_classes,
-        generate_samples=2, max_new_tokens=8,
+        init_from_teacher="every_kth",
+        chunk_size=16,
+        num_classes=dm.num_classes,
+        generate_samples=2,
+        max_new_tokens=8,
     )
     assert isinstance(kd, FrozenTeacherModule)
     assert not any(k.startswith("teacher") for k in kd.state_dict())  # not in checkpoints
@@ -130,8 +161,11 @@ def test_teacher_student_kd_share_the_frozen_core_and_evaluate(lm_data, tmp_path
     for key in ("nll", "ppl", "teacher_nll", "kl", "reverse_kl", "jsd", "rougeL", "teacher_rougeL"):
         assert torch.isfinite(torch.tensor(result[f"test/{key}"])), key
     assert result["test/kl"] >= 0 and result["test/reverse_kl"] >= 0
-    saved = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False) \
-        if trainer.checkpoint_callback else None
+    saved = (
+        torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
+        if trainer.checkpoint_callback
+        else None
+    )
     assert saved is None or saved["kd_teacher_fingerprints"] == kd.teacher_fingerprints
 
 
@@ -142,8 +176,9 @@ def test_a_teacher_of_another_tokenizer_is_refused_in_one_line(lm_data, tmp_path
     trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(module, dm)
     trainer.save_checkpoint(ckpt)
-    kd = LMDistillationModule("llama", TINY, TeacherSpec(checkpoint=str(ckpt)),
-                              num_classes=dm.num_classes)
+    kd = LMDistillationModule(
+        "llama", TINY, TeacherSpec(checkpoint=str(ckpt)), num_classes=dm.num_classes
+    )
     dm.tokenizer_digest, digest = "another", dm.tokenizer_digest
     try:
         with pytest.raises(ConfigError, match="another tokenizer"):
@@ -179,11 +214,21 @@ class _Rows(torch.utils.data.Dataset):
 
 def _update(tmp_path, batch_size, accumulate, **trainer_kwargs):
     torch.manual_seed(0)
-    module = CausalLMModule("llama", TINY, num_classes=V, generate_samples=0,
-                            optimizer=functools.partial(torch.optim.SGD, lr=1.0))
+    module = CausalLMModule(
+        "llama",
+        TINY,
+        num_classes=V,
+        generate_samples=0,
+        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+    )
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate,
-                       limit_val_batches=0, **trainer_kwargs)
+    trainer = _trainer(
+        tmp_path,
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        limit_val_batches=0,
+        **trainer_kwargs,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(_Rows(), batch_size=batch_size))
     return {k: before[k] - v for k, v in module.state_dict().items()}
 
@@ -203,13 +248,22 @@ def test_hf_folder_teacher_with_its_tokenizer_is_checked_against_the_data(lm_dat
     folder = tmp_path / "hf-teacher"
     CausalLMModule("llama", TINY, num_classes=dm.num_classes).model.save_pretrained(folder)
     dm.tokenizer.save_pretrained(folder)
-    kd = LMDistillationModule("llama", TINY, TeacherSpec(model=f"hf:{folder}"),
-                              num_classes=dm.num_classes, generate_samples=0)
+    kd = LMDistillationModule(
+        "llama",
+        TINY,
+        TeacherSpec(model=f"hf:{folder}"),
+        num_classes=dm.num_classes,
+        generate_samples=0,
+    )
     assert kd.teacher.kd_tokenizer == dm.tokenizer_digest  # the same tokenizer: accepted
     _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(kd, dm)
     with pytest.raises(ConfigError, match="model.teacher"):
-        LMDistillationModule("llama", TINY, TeacherSpec(model=f"hf:{tmp_path / 'missing'}"),
-                             num_classes=dm.num_classes)
+        LMDistillationModule(
+            "llama",
+            TINY,
+            TeacherSpec(model=f"hf:{tmp_path / 'missing'}"),
+            num_classes=dm.num_classes,
+        )
 
 
 def test_local_jsonl_chat_and_prompt_completion_rows(lm_data, tmp_path):
@@ -221,23 +275,45 @@ def test_local_jsonl_chat_and_prompt_completion_rows(lm_data, tmp_path):
     folder = tmp_path / "tok"
     dm.tokenizer.chat_template = (
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant:{% endif %}")
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     dm.tokenizer.save_pretrained(folder)
     chat = tmp_path / "chat.jsonl"
-    chat.write_text("\n".join(json.dumps({"messages": [
-        {"role": "user", "content": f"Rate film {i}."},
-        {"role": "assistant", "content": " A fine film."}]}) for i in range(6)))
+    chat.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Rate film {i}."},
+                        {"role": "assistant", "content": " A fine film."},
+                    ]
+                }
+            )
+            for i in range(6)
+        )
+    )
     plain = tmp_path / "plain.jsonl"
-    plain.write_text("\n".join(json.dumps({"prompt": "Plot: a heist.\nReview:",
-                                           "completion": " Tense."}) for _ in range(4)))
-    data = PromptCompletionDataModule({"train": str(chat), "val": str(plain), "test": str(plain)},
-                                      tokenizer=str(folder), data_dir=str(tmp_path / "cache"),
-                                      max_length=32, min_completion=8, batch_size=3)
+    plain.write_text(
+        "\n".join(
+            json.dumps({"prompt": "Plot: a heist.\nReview:", "completion": " Tense."})
+            for _ in range(4)
+        )
+    )
+    data = PromptCompletionDataModule(
+        {"train": str(chat), "val": str(plain), "test": str(plain)},
+        tokenizer=str(folder),
+        data_dir=str(tmp_path / "cache"),
+        max_length=32,
+        min_completion=8,
+        batch_size=3,
+    )
     data.setup()
     batch = next(iter(data.train_dataloader()))
     row = batch["labels"][0]
     completion = dm.tokenizer.decode(row[row != -100])
     assert completion == " A fine film." + dm.tokenizer.eos_token
-    prompt = dm.tokenizer.decode(batch["input_ids"][0][row == -100][: batch["attention_mask"][0].sum()])
+    prompt = dm.tokenizer.decode(
+        batch["input_ids"][0][row == -100][: batch["attention_mask"][0].sum()]
+    )
     assert prompt.startswith("user: Rate film") and prompt.rstrip().endswith("assistant:")
     assert len(data.splits["val"]) == 4 and data.generation_pairs("test", 2)[0][1] == " Tense."
