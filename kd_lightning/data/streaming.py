@@ -128,8 +128,7 @@ def optimize_datamodule(
         litdata.optimize(
             fn=EncodeSample(), inputs=inputs, output_dir=target, chunk_bytes=chunk_bytes,
             num_workers=max(1, num_workers), mode="overwrite", start_method=start_method,
-            verbose=False,
-        )
+        )  # litdata's own progress (verbose): a big dataset takes many minutes
         written = len(litdata.StreamingDataset(target)) if not is_remote(target) else len(inputs)
         meta["splits"][split] = written
         meta["skipped"][split] = len(inputs) - written
