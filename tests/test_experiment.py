@@ -220,3 +220,43 @@ def test_test_predictions_read_text_batches_by_the_models_input_keys():
     expected = module(ids, torch.ones_like(ids)).softmax(1)
     torch.testing.assert_close(probs[:5], expected.detach())
     assert labels.tolist() == batch["label"].tolist() * 2
+
+
+def test_changed_finished_run_is_not_overwritten_without_flag(smoke: Path, capsys) -> None:
+    before = (smoke / "teacher" / "seed0" / "done.json").read_text()
+    with pytest.raises(ConfigError, match="--overwrite true"):
+        # other arguments make every finished run stale: the teacher's is refused first
+        main(["experiment", "--config", SMOKE, f"--output_dir={smoke}", "--plots=false",
+              "--args=[--trainer.max_epochs=1]"])
+    assert (smoke / "teacher" / "seed0" / "done.json").read_text() == before
+
+
+def test_run_progress_counts_runs_and_estimates_time() -> None:
+    from kd_lightning.experiment.runner import _RunProgress
+
+    p = _RunProgress(5)
+    assert str(p) == "(0/5 runs done, ETA —)"
+    p.done(None)  # a skipped run takes no time
+    p.done(10.0)
+    p.done(20.0)
+    assert p.eta_seconds() == pytest.approx(2 * 15.0)
+    assert str(p) == "(3/5 runs done, ETA 00:00:30)"
+
+
+@pytest.mark.slow
+def test_wandb_experiment_runs_offline_for_real(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The real W&B path: every run ends its wandb run (wandb ≥ 0.31's finish() has no
+    ``quiet``; it crashed the second run) and writes an offline run in its own folder."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    out = tmp_path / "exp"
+    rows = main(["experiment", "--config", SMOKE, f"--output_dir={out}", "--seeds=[0]",
+                 f"--logger={CONFIGS / 'logger' / 'wandb.yaml'}", "--plots=false",
+                 "--args=[--trainer.max_epochs=1]"])
+    assert [r["name"] for r in rows] == ["teacher", "scratch", "kd_t4"]
+    for stage in ("teacher", "scratch", "kd_t4"):
+        runs = list((out / stage / "seed0" / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, stage
+        assert json.loads((out / stage / "seed0" / "done.json").read_text())["test_acc_last"] > 0
+    assert "3/3 runs done" in capsys.readouterr().out

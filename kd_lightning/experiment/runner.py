@@ -93,6 +93,7 @@ class Experiment:
         )
         n_runs = 1 + len(spec.seeds) * (1 + len(spec.kd))
         print(f"[{spec.name}] {n_runs} runs → {self.out}", flush=True)
+        self._progress = _RunProgress(n_runs)
         with _quiet_lightning():
             self._preflight()
             records = [self._teacher()]
@@ -308,12 +309,20 @@ class Experiment:
         done = run_dir / "done.json"
         tag = f"[{self.spec.name}] {stage.name} seed {seed}"
         record = _finished(run_dir, key)
+        progress = getattr(self, "_progress", None) or _RunProgress(1)
         if record is not None:
-            print(f"{tag}: done before, skipped ({done})", flush=True)
+            progress.done(None)
+            print(f"{tag}: done before, skipped ({done})  {progress}", flush=True)
             return record
         if done.is_file():
-            print(f"{tag}: its arguments or config files changed since it finished: re-running",
-                  flush=True)
+            if not self.spec.overwrite and _finished(run_dir, None) is not None:
+                raise ConfigError(
+                    "overwrite", False, f"{run_dir} holds a finished run whose arguments or "
+                    "config files changed since: pass --overwrite true to replace it, or give "
+                    "another --output_dir",
+                )
+            print(f"{tag}: its arguments or config files changed since it finished: re-running "
+                  "(--overwrite)", flush=True)
         if run_dir.exists():  # an unfinished (crashed) or stale run restarts from scratch
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
@@ -339,8 +348,34 @@ class Experiment:
             ("test_acc_best", f"best-val ckpt, epoch {record['best_epoch']}"),
             ("test_acc_last", "last epoch"), ("test_acc_best_on_test", "best epoch on test"),
         ) if record.get(key) is not None]
-        print(f"{tag}: test acc {', '.join(parts) or '—'}  [{record['seconds']:.1f} s]", flush=True)
+        progress.done(record["seconds"])
+        print(f"{tag}: test acc {', '.join(parts) or '—'}  [{record['seconds']:.1f} s]  {progress}",
+              flush=True)
         return record
+
+
+class _RunProgress:
+    """``runs done/total, ETA``: the ETA is the mean time of the runs trained in this
+    invocation times the runs left (skipped runs count as done and take no time)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.finished, self.trained_seconds = total, 0, []
+
+    def done(self, seconds: float | None) -> None:
+        self.finished += 1
+        if seconds is not None:
+            self.trained_seconds.append(seconds)
+
+    def eta_seconds(self) -> float | None:
+        if not self.trained_seconds:
+            return None
+        left = self.total - self.finished
+        return left * sum(self.trained_seconds) / len(self.trained_seconds)
+
+    def __str__(self) -> str:
+        eta = self.eta_seconds()
+        text = "—" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+        return f"({self.finished}/{self.total} runs done, ETA {text})"
 
 
 # -- helpers on a finished CLI run ------------------------------------------------------------
@@ -447,7 +482,7 @@ def _load_ckpt(path: Path, field: str) -> dict[str, Any]:
     return read_checkpoint(path, field, "train the teacher first or fix the path", mmap=True)
 
 
-def _finished(run_dir: Path, key: str) -> dict[str, Any] | None:
+def _finished(run_dir: Path, key: str | None) -> dict[str, Any] | None:
     """The record of a finished run with exactly this key, else None."""
     done = run_dir / "done.json"
     if not done.is_file():
@@ -456,7 +491,8 @@ def _finished(run_dir: Path, key: str) -> dict[str, Any] | None:
         record = json.loads(done.read_text())
     except json.JSONDecodeError:  # cut short while writing: the run counts as unfinished
         return None
-    return record if record.get("key") == key else None
+    # key None: any finished run (a torn done.json is a run that crashed while finishing)
+    return record if key is None or record.get("key") == key else None
 
 
 #: bumped when what a run records changes, so records of older runners count as stale
@@ -476,7 +512,8 @@ def _finish_wandb() -> None:
     """Lightning's WandbLogger leaves its run open; the next run must not reuse it."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(quiet=True)
+        # wandb ≥ 0.31's finish() takes no ``quiet`` (it crashed the second run)
+        wandb.finish()
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,9 @@ class ExperimentSpec:
     online: bool = False
     args: list[str] = field(default_factory=list)
     plots: bool = True
+    #: re-run a finished run whose arguments or config files changed (its old results are
+    #: deleted); without it such a run is refused, and unchanged finished runs are skipped
+    overwrite: bool = False
     #: stage name → the published top-1 accuracy (%) it reproduces, shown beside ours
     published: dict[str, float | None] = field(default_factory=dict)
     #: where ``published`` comes from and which number it is (last / best epoch …)
@@ -116,6 +119,9 @@ def build_parser() -> ArgumentParser:
                    help="raw kd-lightning flags appended last to every run, "
                    "e.g. '[--trainer.max_epochs=1]'")
     p.add_argument("--plots", type=bool, default=True, help="write PNG plots next to the results")
+    p.add_argument("--overwrite", type=bool, default=False,
+                   help="re-run (and replace) finished runs whose arguments or configs changed; "
+                   "unchanged finished runs are still skipped")
     p.add_argument("--published", type=dict[str, float | None], default={},
                    help="stage name → published top-1 (%%) it reproduces, shown beside ours")
     p.add_argument("--published_source", type=str | None, default=None,
@@ -141,6 +147,7 @@ def parse_spec(argv: list[str]) -> ExperimentSpec:
         online=cfg["online"],
         args=list(cfg["args"]),
         plots=cfg["plots"],
+        overwrite=cfg["overwrite"],
         published=dict(cfg["published"] or {}),
         published_source=cfg["published_source"],
         source_dir=str(source) if source else None,
