@@ -131,9 +131,13 @@ def main(argv: list[str]) -> Path:
                         help="default: read from the classifier's bias")
     parser.add_argument("--input_shape", type=int, nargs=3, default=[3, 32, 32])
     parser.add_argument("-o", "--output", default=None, help="default: <file stem>.ckpt beside it")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
+    target = Path(args.output) if args.output else Path(args.file).with_suffix(".ckpt")
+    if target.exists() and not args.overwrite:  # before the import: it may be a trained teacher
+        raise ConfigError("--output", str(target), "exists: pass --overwrite to replace it")
     ckpt = import_teacher(args.file, args.format, args.model, tuple(args.input_shape), args.num_classes)
-    out = Path(args.output) if args.output else Path(args.file).with_suffix(".ckpt")
+    out = target
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, out)
     n = sum(v.numel() for v in ckpt["state_dict"].values())

@@ -81,10 +81,13 @@ def test_full_k_store_trains_like_the_live_teacher(tree, tmp_path):
     assert rounded == pytest.approx(live, rel=1e-2)
 
     # a second fit over the same views reads everything from disk
-    reread = TeacherStore(str(tmp_path / "f32"), k=CLASSES, value_dtype="float32", read_only=True)
+    # issue 21, finding 10: as the fit opens it (performance.py gives no value_dtype), a float32
+    # store is read as float32, and the whole fit at full k equals the live run
+    reread = TeacherStore(str(tmp_path / "f32"), k=CLASSES, read_only=True)
     again, _ = _fit(tree, reread)
     assert reread.misses == 0 and reread.hits == 24
     assert again == pytest.approx(live, rel=1e-5, abs=1e-6)
+    assert reread.value_dtype == "float32"
 
 
 def test_topk_reconstruction_keeps_topk_and_spreads_the_rest():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("-c", "--config", help="a kd-lightning YAML with a data: section")
     opt.add_argument("--data_dir", help="an ImageFolder root (train/, val/); instead of -c")
     opt.add_argument("--val_dir", default="val", help="the val folder under --data_dir ('none': hold out)")
+    opt.add_argument("--val_fraction", type=float, default=None,
+                     help="with --val_dir none: share of train held out (default: the DataModule's)")
     opt.add_argument("--output_dir", required=True, help="local directory or object-store URL")
     opt.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
     opt.add_argument("--chunk_bytes", default="64MB")
     opt.add_argument("--start_method", choices=("fork", "spawn"), default="fork")
+    opt.add_argument("--overwrite", action="store_true", help="replace an earlier dataset there")
 
     st = sub.add_parser("store-teacher", help="write the teacher's top-k outputs to a TeacherStore")
     st.add_argument("-c", "--config", required=True, help="a KD fit config (data: and model.teacher)")
@@ -54,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     st.add_argument("--stages", default="train,val", help="comma-separated: train, val")
     st.add_argument("--teacher_weights", help="override model.teacher.weights")
+    st.add_argument("--overwrite", action="store_true", help="delete an earlier store there first")
     return parser
 
 
@@ -112,10 +117,26 @@ def _datamodule(config: dict[str, Any], field: str = "data", **overrides: Any) -
     return instantiate(config["data"], field, overrides)
 
 
+def _refuse_overwrite(path: Path, marker: str | None, flag: str, what: str, overwrite: bool) -> None:
+    """Refuse to write into a folder holding earlier output (``marker``, or any file), unless
+    ``--overwrite``; then the old output is deleted first, so nothing stale is mixed in."""
+    if not path.exists():
+        return
+    held = (path / marker).exists() if marker else (not path.is_dir() or any(path.iterdir()))
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(flag, str(path), f"holds an earlier {what}: pass --overwrite to replace it")
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 # -- optimize ------------------------------------------------------------------------------------
 def optimize(args: argparse.Namespace) -> dict[str, Any]:
     from kd_lightning.data.imagefolder import ImageFolderDataModule
-    from kd_lightning.data.streaming import optimize_datamodule
+    from kd_lightning.data.streaming import is_remote, optimize_datamodule
 
     if (args.config is None) == (args.data_dir is None):
         raise ConfigError("--data_dir", args.data_dir, "give either -c <config with data:> or --data_dir")
@@ -123,9 +144,17 @@ def optimize(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--num_workers", args.num_workers, "use 1 or more worker processes")
     if args.data_dir is not None:
         val_dir = None if args.val_dir.lower() == "none" else args.val_dir
-        dm = ImageFolderDataModule(args.data_dir, val_dir=val_dir, num_workers=0)
+        if args.val_fraction is not None and val_dir is not None:
+            raise ConfigError("--val_fraction", args.val_fraction, "use it with --val_dir none")
+        held = {} if args.val_fraction is None else {"val_fraction": args.val_fraction}
+        dm = ImageFolderDataModule(args.data_dir, val_dir=val_dir, num_workers=0, **held)
+        if val_dir is None:  # say what was held out: the DataModule's default is not obvious
+            print(f"kd-lightning data optimize: holding out {dm.val_fraction:g} of train as val "
+                  "(--val_fraction)")
     else:
         dm = _datamodule(load_config(args.config))
+    if not is_remote(args.output_dir):
+        _refuse_overwrite(Path(args.output_dir), None, "--output_dir", "dataset", args.overwrite)
     start = time.perf_counter()
     meta = optimize_datamodule(dm, args.output_dir, args.num_workers, args.chunk_bytes, args.start_method)
     skipped = sum(meta["skipped"].values())
@@ -149,7 +178,12 @@ def store_teacher(args: argparse.Namespace) -> Any:
     config = load_config(args.config)
     # the views are seeded by the run's seed_everything (the CLI's default is 42), as in fit
     seed = config.get("seed_everything", 42)
-    os.environ["PL_GLOBAL_SEED"] = str(int(seed) if seed not in (None, True, False) else 42)
+    # `is`, not `in`: 0 == False and 1 == True, and seed 0 is every shipped config's seed
+    if seed is None or seed is True:
+        seed = 42
+    if seed is False or not isinstance(seed, int):
+        raise ConfigError("seed_everything", seed, "give an integer seed: the store's views follow it")
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
     overrides = {"augment_views": args.views} if args.views is not None else {}
     dm = _datamodule(config, **overrides, num_workers=0)
     teacher_cfg = ((config.get("model") or {}).get("init_args") or {}).get("teacher")
@@ -165,6 +199,7 @@ def store_teacher(args: argparse.Namespace) -> Any:
     ]
     for teacher in teachers:
         refuse_untrained(teacher)
+    _refuse_overwrite(Path(args.output), "meta.json", "--output", "teacher store", args.overwrite)
     store = TeacherStore(args.output, args.k, args.value_dtype)
     store.bind(dm, dm.num_classes, [fingerprint(t) for t in teachers])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -172,10 +207,18 @@ def store_teacher(args: argparse.Namespace) -> Any:
     for stage in stages:
         if stage not in store.tables:
             raise ConfigError("--stages", args.stages, f"use train and/or val (the store has {sorted(store.tables)})")
+    from tqdm import tqdm
+
     start, written = time.perf_counter(), 0
+    views = {s: store.tables[s].filled.shape[1] for s in stages}
+    sets = {s: getattr(dm, f"{s}_set") for s in stages}
+    total = sum(len(range(rank, len(sets[s]), world)) * views[s] for s in stages)
+    # a bar over (sample, view) entries: a big store takes minutes (on stderr, like Lightning's)
+    bar = tqdm(total=total, desc="store-teacher", unit="entry", disable=rank != 0)
     for stage in stages:
-        ds = getattr(dm, f"{stage}_set")
-        for view in range(store.tables[stage].filled.shape[1]):
+        ds = sets[stage]
+        for view in range(views[stage]):
+            bar.set_postfix(stage=stage, view=view)
             for batch in _view_batches(dm, ds, view, args.batch_size, rank, world):
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 batch = dm.on_after_batch_transfer(batch, 0)
@@ -183,6 +226,8 @@ def store_teacher(args: argparse.Namespace) -> Any:
                     outputs = [_logits_only(t, batch["image"]) for t in teachers]
                 store.write(stage, batch["index"], batch["view"], outputs)
                 written += len(batch["index"])
+                bar.update(len(batch["index"]))
+    bar.close()
     store.flush()
     print(
         f"kd-lightning data store-teacher: rank {rank}/{world} wrote {written} (sample, view) entries "

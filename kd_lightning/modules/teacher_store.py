@@ -107,7 +107,8 @@ class TeacherStore:
         path: the store's directory (created on first use).
         k: classes kept per sample (the rest of the mass is spread uniformly). k = the
             number of classes stores the whole distribution.
-        value_dtype: ``float16`` (default, 2 bytes per value) or ``float32``.
+        value_dtype: ``float16`` (2 bytes per value) or ``float32`` (equal to the live
+            teacher at full k). ``None`` (default): an existing store's own dtype, else float16.
         read_only: never write (a store filled ahead; a miss is an error).
 
     Call ``bind(datamodule, num_classes, fingerprints)`` before the first lookup: it
@@ -118,12 +119,12 @@ class TeacherStore:
         self,
         path: str,
         k: int = 20,
-        value_dtype: Literal["float16", "float32"] = "float16",
+        value_dtype: Literal["float16", "float32"] | None = None,
         read_only: bool = False,
     ) -> None:
         if k < 1:
             raise ConfigError("teacher_store.k", k, "use k >= 1 stored classes per sample (e.g. 20)")
-        if value_dtype not in ("float16", "float32"):
+        if value_dtype not in (None, "float16", "float32"):
             raise ConfigError("teacher_store.value_dtype", value_dtype, "use float16 or float32")
         self.path, self.k, self.value_dtype, self.read_only = Path(path), int(k), value_dtype, read_only
         self.meta: dict[str, Any] | None = None
@@ -152,11 +153,13 @@ class TeacherStore:
             raise ConfigError("teacher_store.k", self.k, f"use k <= the {num_classes} classes")
         wanted = {
             "format": FORMAT_VERSION, "k": self.k, "num_classes": int(num_classes),
-            "value_dtype": self.value_dtype, "teachers": list(fingerprints),
+            "value_dtype": self.value_dtype or "float16", "teachers": list(fingerprints),
             "signature": json.loads(json.dumps(signature)),
             "stages": {s: [int(n), int(v)] for s, (n, v) in store_shapes(datamodule).items()},
         }
         meta = self._open_or_create(wanted)
+        if self.value_dtype is None:  # the fit reads a store in whichever dtype it was written
+            wanted["value_dtype"] = self.value_dtype = meta.get("value_dtype", "float16")
         self._check(meta, wanted)
         self.meta = meta
         mode: Literal["r+", "r"] = "r" if self.read_only else "r+"
@@ -180,7 +183,7 @@ class TeacherStore:
             t = len(wanted["teachers"])
             index_dtype = "int16" if wanted["num_classes"] <= np.iinfo(np.int16).max else "int32"
             for stage, (n, v) in wanted["stages"].items():
-                _Table.create(self.path, stage, n, v, t, self.k, self.value_dtype, index_dtype)
+                _Table.create(self.path, stage, n, v, t, self.k, wanted["value_dtype"], index_dtype)
             tmp = self.path / "meta.json.tmp"
             tmp.write_text(json.dumps(wanted, indent=1))
             os.replace(tmp, meta_file)  # last: its presence means the store is complete
