@@ -1,9 +1,9 @@
-"""The reproduction configs (configs/repro/cifar*) follow the recipe table, and run.
+"""The reproduction configs (configs/repro/) follow the recipe table, and run.
 
 ``configs/repro/recipes.yaml`` holds the published recipes field by field, each value
-citing the reference repository's file and line. Every config under configs/repro/cifar*/
-must be listed there (or be one of the per-method files another table will cover, see
-``OTHER_METHODS``), and every field of every listed config must match its row: a config
+citing the reference repository's file and line. Every config under configs/repro/ must be
+listed there (the CIFAR pairs' runs, or a ``method_configs`` entry citing repo@commit and
+file), with no allow-list, and every field of every listed config must match its row: a config
 that drifts from the published recipe fails here. Representative pairs also run
 teacher → scratch → KD → DKD → CRD for two batches on generated files in the real CIFAR
 formats, on all training images (``val_fraction: 0``), with the configs' own run
@@ -29,11 +29,6 @@ from tests.conftest import CONFIGS, DEBUG_TRAINER
 REPRO = CONFIGS / "repro"
 TABLE: dict[str, Any] = yaml.safe_load((REPRO / "recipes.yaml").read_text())
 
-#: per-method configs another helper adds beside ours (resnet32x4_resnet8x4/); to be folded
-#: into the recipe table later. A file whose stem is one of these is not checked here.
-OTHER_METHODS = ("dist", "kd_ls", "dkd_ls", "mlkd", "ctkd", "wttm", "reviewkd", "ofd", "vid",
-                 "kdsvd", "ab", "ft", "fsp", "cc", "kd_dot", "fitnet", "at", "sp", "rkd", "pkt",
-                 "nst")
 DATA_CLASS = {"cifar100": "kd_lightning.data.CIFAR100DataModule",
               "cifar10": "kd_lightning.data.CIFAR10DataModule"}
 #: (pair, run) of every config the table lists
@@ -47,10 +42,6 @@ PARSED = [("cifar100/resnet56_resnet20", r) for r in ("teacher", "scratch", "kd"
     ("cifar100/vgg13_vgg8", "crd"), ("cifar100/wrn_40_2_ShuffleV1", "kd"),
     ("cifar10/resnet56_resnet20", "kd"),
 ]
-
-
-def _is_other_method(stem: str) -> bool:
-    return stem in OTHER_METHODS or stem.startswith("mlkd")
 
 
 def expected(pair: str, run: str) -> dict[str, Any]:
@@ -70,11 +61,17 @@ def expected(pair: str, run: str) -> dict[str, Any]:
     return out
 
 
+#: every other config (per-method CIFAR configs, ImageNet): its entry in ``method_configs``
+METHOD_CONFIGS: dict[str, Any] = TABLE["method_configs"]
+
+
 def test_every_config_is_in_the_recipe_table():
-    found = {(str(p.parent.relative_to(REPRO)), p.stem) for p in REPRO.glob("cifar*/**/*.yaml")}
-    unlisted = sorted(f"{pair}/{run}.yaml" for pair, run in found - set(LISTED) if not _is_other_method(run))
+    """No allow-list: every YAML under configs/repro/ is a (pair, run) or a method_configs entry."""
+    found = {(str(p.parent.relative_to(REPRO)), p.stem) for p in REPRO.glob("*/**/*.yaml")}
+    table = set(LISTED) | {tuple(k.rsplit("/", 1)) for k in METHOD_CONFIGS}
+    unlisted = sorted(f"{pair}/{run}.yaml" for pair, run in found - table)
     assert not unlisted, f"add these to configs/repro/recipes.yaml: {unlisted}"
-    missing = sorted(f"{pair}/{run}.yaml" for pair, run in set(LISTED) - found)
+    missing = sorted(f"{pair}/{run}.yaml" for pair, run in table - found)
     assert not missing, f"the recipe table lists configs that do not exist: {missing}"
 
 
@@ -143,6 +140,25 @@ def test_config_matches_the_recipe_table(pair_run: tuple[str, str]):
         assert "Published: none" in header
     else:
         assert f"Published: {want['published']:.2f}" in header
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
+def test_method_config_matches_its_table_entry(name: str):
+    want = METHOD_CONFIGS[name]
+    assert re.search(r"[\w.-]+/[\w.-]+(@[0-9a-f]{7,40})? \S+\.(py|yaml|md|sh)", want["source"]), name
+    raw = yaml.safe_load((REPRO / f"{name}.yaml").read_text())
+    model, trainer, data = raw["model"]["init_args"], raw["trainer"], raw["data"]["init_args"]
+    callbacks = {c["class_path"]: c.get("init_args", {}) for c in trainer.get("callbacks", [])}
+    got = {
+        "source": want["source"], "student": model["student"], "epochs": trainer["max_epochs"],
+        "batch_size": data["batch_size"], "devices": trainer["devices"],
+        "optimizer": {"class_path": model["optimizer"]["class_path"], **model["optimizer"]["init_args"]},
+        "milestones": model["lr_scheduler"]["init_args"]["milestones"],
+        "reports": callbacks.get("kd_lightning.callbacks.TestEveryEpoch", {}).get("source_reports"),
+        "strong_view": data.get("strong_view", False),
+        "heads": {h["class_path"].rsplit(".", 1)[-1]: h.get("init_args", {}) for h in model["heads"]},
+    }
+    assert got == want
 
 
 @pytest.mark.parametrize("pair_run", PARSED, ids=[f"{p}/{r}" for p, r in PARSED])
@@ -331,8 +347,9 @@ def test_cifar_strong_view_doubles_the_batch_for_mlkd(cifar100_root):
     assert torch.equal(batch["index"][:4], batch["index"][4:])
     assert not torch.equal(batch["image"][:4], batch["image"][4:])
     assert len(dm.test_set[0]) == 4 and "strong_image" not in dm.test_set[0]  # eval: one view
-    logits = torch.randn(8, 100, dtype=torch.float64)
-    loss = MLKD(weight=0.9)(ModelOutput(logits), ModelOutput(logits + 0.1), batch)
+    g = torch.Generator().manual_seed(0)
+    z_s, z_t = torch.randn(2, 8, 100, dtype=torch.float64, generator=g)
+    loss = MLKD(weight=0.9)(ModelOutput(z_s), ModelOutput(z_t), batch)
     assert torch.isfinite(loss) and loss > 0
     with pytest.raises(ConfigError, match="data.strong_view"):
         CIFAR100DataModule(data_dir=str(cifar100_root), strong_view=True, augment_on_device=True)
