@@ -62,5 +62,6 @@ def check_train_modes(module: nn.Module) -> None:
         for i in wrong:
             for sub in teachers[i].modules():
                 nn.Module.train(sub, False)
-        warnings.warn(f"frozen teacher(s) {wrong} were in train mode: switched to eval mode", stacklevel=2)
-
+        warnings.warn(
+            f"frozen teacher(s) {wrong} were in train mode: switched to eval mode", stacklevel=2
+        )
