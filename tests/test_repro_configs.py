@@ -29,17 +29,23 @@ from tests.conftest import CONFIGS, DEBUG_TRAINER
 REPRO = CONFIGS / "repro"
 TABLE: dict[str, Any] = yaml.safe_load((REPRO / "recipes.yaml").read_text())
 
-DATA_CLASS = {"cifar100": "kd_lightning.data.CIFAR100DataModule",
-              "cifar10": "kd_lightning.data.CIFAR10DataModule"}
+DATA_CLASS = {
+    "cifar100": "kd_lightning.data.CIFAR100DataModule",
+    "cifar10": "kd_lightning.data.CIFAR10DataModule",
+}
 #: (pair, run) of every config the table lists
-LISTED = [(pair, run) for pair, info in TABLE["pairs"].items() for run in TABLE["runs"][info["runs"]]]
+LISTED = [
+    (pair, run) for pair, info in TABLE["pairs"].items() for run in TABLE["runs"][info["runs"]]
+]
 #: pairs that run their whole chain (the rest: field check + a parse of a few)
 RUN_PAIRS = ("cifar100/resnet32x4_ShuffleV2", "cifar10/resnet110_resnet20")
 #: configs parsed by the CLI (--print_config): every run kind, every dataset and protocol,
 #: and each model family once
 PARSED = [("cifar100/resnet56_resnet20", r) for r in ("teacher", "scratch", "kd", "dkd", "crd")] + [
-    ("cifar100/ResNet50_MobileNetV2", "crd"), ("cifar100/wrn_40_2_wrn_16_2", "dkd"),
-    ("cifar100/vgg13_vgg8", "crd"), ("cifar100/wrn_40_2_ShuffleV1", "kd"),
+    ("cifar100/ResNet50_MobileNetV2", "crd"),
+    ("cifar100/wrn_40_2_wrn_16_2", "dkd"),
+    ("cifar100/vgg13_vgg8", "crd"),
+    ("cifar100/wrn_40_2_ShuffleV1", "kd"),
     ("cifar10/resnet56_resnet20", "kd"),
 ]
 
@@ -51,8 +57,13 @@ def expected(pair: str, run: str) -> dict[str, Any]:
     proto = {k: v["value"] for k, v in TABLE["protocols"][spec["protocol"]].items()}
     network = info["teacher"] if run == "teacher" else info["student"]
     small = TABLE["protocols"][spec["protocol"]].get("lr_small_networks", {}).get("networks", [])
-    out = dict(proto, network=network, lr=proto["lr_small_networks"] if network in small else proto["lr"],
-               published=info["published"].get(run), heads=None)
+    out = dict(
+        proto,
+        network=network,
+        lr=proto["lr_small_networks"] if network in small else proto["lr"],
+        published=info["published"].get(run),
+        heads=None,
+    )
     if "method" in spec:
         heads = {cls: dict(args) for cls, args in TABLE["methods"][spec["method"]]["heads"].items()}
         if "DKD" in heads:
@@ -83,7 +94,9 @@ def test_table_cites_a_source_for_every_value():
         assert re.search(r"L\d+", method["source"]), name
     for pair, info in TABLE["pairs"].items():
         if "dkd_beta" in info:
-            assert "mdistiller" in info["dkd_beta"]["source"] or "cfg.py" in info["dkd_beta"]["source"], pair
+            assert (
+                "mdistiller" in info["dkd_beta"]["source"] or "cfg.py" in info["dkd_beta"]["source"]
+            ), pair
 
 
 def _heads_of(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -145,18 +158,28 @@ def test_config_matches_the_recipe_table(pair_run: tuple[str, str]):
 @pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
 def test_method_config_matches_its_table_entry(name: str):
     want = METHOD_CONFIGS[name]
-    assert re.search(r"[\w.-]+/[\w.-]+(@[0-9a-f]{7,40})? \S+\.(py|yaml|md|sh)", want["source"]), name
+    assert re.search(r"[\w.-]+/[\w.-]+(@[0-9a-f]{7,40})? \S+\.(py|yaml|md|sh)", want["source"]), (
+        name
+    )
     raw = yaml.safe_load((REPRO / f"{name}.yaml").read_text())
     model, trainer, data = raw["model"]["init_args"], raw["trainer"], raw["data"]["init_args"]
     callbacks = {c["class_path"]: c.get("init_args", {}) for c in trainer.get("callbacks", [])}
     got = {
-        "source": want["source"], "student": model["student"], "epochs": trainer["max_epochs"],
-        "batch_size": data["batch_size"], "devices": trainer["devices"],
-        "optimizer": {"class_path": model["optimizer"]["class_path"], **model["optimizer"]["init_args"]},
+        "source": want["source"],
+        "student": model["student"],
+        "epochs": trainer["max_epochs"],
+        "batch_size": data["batch_size"],
+        "devices": trainer["devices"],
+        "optimizer": {
+            "class_path": model["optimizer"]["class_path"],
+            **model["optimizer"]["init_args"],
+        },
         "milestones": model["lr_scheduler"]["init_args"]["milestones"],
         "reports": callbacks.get("kd_lightning.callbacks.TestEveryEpoch", {}).get("source_reports"),
         "strong_view": data.get("strong_view", False),
-        "heads": {h["class_path"].rsplit(".", 1)[-1]: h.get("init_args", {}) for h in model["heads"]},
+        "heads": {
+            h["class_path"].rsplit(".", 1)[-1]: h.get("init_args", {}) for h in model["heads"]
+        },
     }
     assert got == want
 
@@ -193,8 +216,12 @@ def _check_instantiated(cli, pair: str, run: str) -> None:
         assert set(heads) == set(want["heads"])
         for cls, args in want["heads"].items():
             for key, value in args.items():
-                attr = {"warmup_epochs": None, "student_layers": None, "teacher_layers": None,
-                        "num_samples": None}.get(key, key)
+                attr = {
+                    "warmup_epochs": None,
+                    "student_layers": None,
+                    "teacher_layers": None,
+                    "num_samples": None,
+                }.get(key, key)
                 if attr is not None and hasattr(heads[cls], attr):
                     assert getattr(heads[cls], attr) == pytest.approx(value), (cls, key)
 
@@ -205,10 +232,15 @@ def test_pair_runs_every_config_on_all_training_images(pair: str, request, tmp_p
     root = request.getfixturevalue(f"{dataset}_root")
     runs = [r for p, r in LISTED if p == pair]
     overrides = [
-        *DEBUG_TRAINER, "--trainer.precision=32-true", "--trainer.benchmark=false",
-        "--test_after_fit=false", f"--data.init_args.data_dir={root}",
-        "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8",
-        "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+        *DEBUG_TRAINER,
+        "--trainer.precision=32-true",
+        "--trainer.benchmark=false",
+        "--test_after_fit=false",
+        f"--data.init_args.data_dir={root}",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.eval_batch_size=8",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.pin_memory=false",
     ]  # no val_fraction override: the configs' own 0, every training image
     out = tmp_path / "runs" / "repro" / pair  # the configs' relative run dirs land here
     n_train = {"cifar100": 400, "cifar10": 300}[dataset]  # tests/helpers/fake_data.py
@@ -226,7 +258,9 @@ def test_pair_runs_every_config_on_all_training_images(pair: str, request, tmp_p
         assert result["source_reports"] == expected(pair, run)["reports"]
         assert result["protocol"]["train_images"] == n_train
     # the distilled-from teacher carries exactly the weights the teacher run saved last
-    saved = torch.load(out / "teacher" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(out / "teacher" / "last.ckpt", map_location="cpu", weights_only=False)[
+        "state_dict"
+    ]
     weights = cli.model._teachers[0].state_dict()
     for key, value in weights.items():
         assert torch.equal(value, saved[f"model.{key}"]), key
@@ -250,18 +284,42 @@ IMAGENET = REPRO / "imagenet"
 #: pair → (ReviewKD weight, student taps, teacher taps): mdistiller@a08d46f
 #: configs/imagenet/{r34_r18,r50_mv1}/reviewkd.yaml (STU_PREACT: pre-ReLU stages of both)
 REVIEWKD_IMAGENET = {
-    "resnet34_resnet18": (1.0, ["layer1.1.relu:input", "layer2.1.relu:input", "layer3.1.relu:input",
-                                "layer4.1.relu:input", "fc.embedding"],
-                          ["layer1.2.relu:input", "layer2.3.relu:input", "layer3.5.relu:input",
-                           "layer4.2.relu:input", "fc.embedding"]),
-    "resnet50_mobilenetv1": (8.0, ["layer1.2.5:input", "layer2.1.5:input", "layer3.5.5:input",
-                                   "layer4.1.5:input", "pool"],
-                             ["layer1.2.relu:input", "layer2.3.relu:input", "layer3.5.relu:input",
-                              "layer4.2.relu:input", "fc.embedding"]),
+    "resnet34_resnet18": (
+        1.0,
+        [
+            "layer1.1.relu:input",
+            "layer2.1.relu:input",
+            "layer3.1.relu:input",
+            "layer4.1.relu:input",
+            "fc.embedding",
+        ],
+        [
+            "layer1.2.relu:input",
+            "layer2.3.relu:input",
+            "layer3.5.relu:input",
+            "layer4.2.relu:input",
+            "fc.embedding",
+        ],
+    ),
+    "resnet50_mobilenetv1": (
+        8.0,
+        ["layer1.2.5:input", "layer2.1.5:input", "layer3.5.5:input", "layer4.1.5:input", "pool"],
+        [
+            "layer1.2.relu:input",
+            "layer2.3.relu:input",
+            "layer3.5.relu:input",
+            "layer4.2.relu:input",
+            "fc.embedding",
+        ],
+    ),
 }
 #: published targets: ReviewKD@cede6ea ImageNet/README.md L26-L29, DIST_KD@2418f18 README.md L46-L47
-IMAGENET_TARGETS = {("resnet34_resnet18", "reviewkd"): 71.61, ("resnet50_mobilenetv1", "reviewkd"): 72.56,
-                    ("resnet34_resnet18", "dist"): 72.07, ("resnet50_mobilenetv1", "dist"): 73.24}
+IMAGENET_TARGETS = {
+    ("resnet34_resnet18", "reviewkd"): 71.61,
+    ("resnet50_mobilenetv1", "reviewkd"): 72.56,
+    ("resnet34_resnet18", "dist"): 72.07,
+    ("resnet50_mobilenetv1", "dist"): 73.24,
+}
 
 
 def _global_batch(raw: dict[str, Any]) -> int:
@@ -273,9 +331,15 @@ def _global_batch(raw: dict[str, Any]) -> int:
 def test_imagenet_reviewkd_follows_mdistiller(pair: str):
     raw = yaml.safe_load((IMAGENET / pair / "reviewkd.yaml").read_text())
     weight, student, teacher = REVIEWKD_IMAGENET[pair]
-    heads = {h["class_path"].rsplit(".", 1)[-1]: h["init_args"] for h in raw["model"]["init_args"]["heads"]}
+    heads = {
+        h["class_path"].rsplit(".", 1)[-1]: h["init_args"]
+        for h in raw["model"]["init_args"]["heads"]
+    }
     assert heads["ReviewKD"]["weight"] == weight
-    assert heads["ReviewKD"]["student_layers"] == student and heads["ReviewKD"]["teacher_layers"] == teacher
+    assert (
+        heads["ReviewKD"]["student_layers"] == student
+        and heads["ReviewKD"]["teacher_layers"] == teacher
+    )
     assert heads["ReviewKD"]["schedule"]["init_args"] == {"epochs": 1}
     opt = raw["model"]["init_args"]["optimizer"]
     assert opt["class_path"] == "torch.optim.SGD" and opt["init_args"]["lr"] == 0.1
@@ -285,14 +349,22 @@ def test_imagenet_reviewkd_follows_mdistiller(pair: str):
 @pytest.mark.parametrize("pair", sorted(REVIEWKD_IMAGENET))
 def test_imagenet_dist_follows_dist_kd(pair: str):
     raw = yaml.safe_load((IMAGENET / pair / "dist.yaml").read_text())
-    heads = {h["class_path"].rsplit(".", 1)[-1]: h["init_args"] for h in raw["model"]["init_args"]["heads"]}
+    heads = {
+        h["class_path"].rsplit(".", 1)[-1]: h["init_args"]
+        for h in raw["model"]["init_args"]["heads"]
+    }
     # ori_loss_weight 1, kd_loss_weight 2 · DIST(beta 1, gamma 1, tau 1): CE 1, inter 2, intra 2
     assert heads["CrossEntropy"]["weight"] == 1.0
     assert heads["DIST"] == {"weight": 2.0, "beta": 1.0, "gamma": 1.0, "temperature": 1.0}
     opt = raw["model"]["init_args"]["optimizer"]
     assert opt["class_path"] == "kd_lightning.optim.SGD"
-    assert opt["init_args"] == {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1.0e-4,
-                                "no_decay_1d": True}
+    assert opt["init_args"] == {
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1.0e-4,
+        "no_decay_1d": True,
+    }
     assert _global_batch(raw) == 256
 
 
@@ -314,12 +386,18 @@ def test_sgd_no_decay_1d_matches_dist_kd_param_groups():
     from kd_lightning.optim import SGD
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
-                              torch.nn.LazyLinear(2)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(2),
+    ).double()
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     net(x)
     before = [p.detach().clone() for p in net.parameters()]
-    opt = SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.5, no_decay_1d=True)
+    opt = SGD(
+        net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.5, no_decay_1d=True
+    )
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.5]
     net(x).square().sum().backward()
     grads = [p.grad.clone() for p in net.parameters()]
@@ -337,8 +415,9 @@ def test_cifar_strong_view_doubles_the_batch_for_mlkd(cifar100_root):
     from kd_lightning.losses import MLKD
     from kd_lightning.losses.outputs import ModelOutput
 
-    dm = CIFAR100DataModule(data_dir=str(cifar100_root), val_fraction=0.0, batch_size=4,
-                            strong_view=True)
+    dm = CIFAR100DataModule(
+        data_dir=str(cifar100_root), val_fraction=0.0, batch_size=4, strong_view=True
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (8, 3, 32, 32)

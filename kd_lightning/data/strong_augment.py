@@ -58,8 +58,9 @@ OPS: list[tuple[str, Op, float, float]] = [
 ]
 
 
-def cutout(img: Image.Image, fraction: float, rng: random.Random,
-           fill: Sequence[int] = CUTOUT_FILL) -> Image.Image:
+def cutout(
+    img: Image.Image, fraction: float, rng: random.Random, fill: Sequence[int] = CUTOUT_FILL
+) -> Image.Image:
     """Paint a square of side ``fraction × width`` at a random centre (clipped at the
     border) with ``fill``; ``fraction <= 0`` returns the image unchanged."""
     if fraction <= 0:
@@ -90,7 +91,9 @@ class StrongAugment:
         if n < 0:
             raise ConfigError("StrongAugment.n", n, "use a number of ops >= 0 (reference: 2)")
         if not 0 <= max_cutout <= 1:
-            raise ConfigError("StrongAugment.max_cutout", max_cutout, "use a fraction in [0, 1] (0.5)")
+            raise ConfigError(
+                "StrongAugment.max_cutout", max_cutout, "use a fraction in [0, 1] (0.5)"
+            )
         self.n, self.max_cutout = n, max_cutout
         self.rng = random.Random(seed) if seed is not None else random
 
@@ -112,13 +115,15 @@ def strong_cifar_transform(
     default): crop with 4-pixel padding, flip, ``StrongAugment``, to a normalised tensor."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        StrongAugment(n),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            StrongAugment(n),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
 class StrongViewDataset(ArrayImageDataset):
@@ -155,5 +160,7 @@ def collate_strong_views(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     out = {k: torch.cat([v, v]) for k, v in batch.items() if k not in ("image", "view")}
     out["image"] = torch.cat([batch["image"], strong])
     out["view"] = torch.cat([batch["view"], torch.full_like(batch["view"], -1)])
-    out["strong_view"] = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    out["strong_view"] = torch.cat(
+        [torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]
+    )
     return out

@@ -26,8 +26,13 @@ class SGD(torch.optim.SGD):
         **kwargs: ``torch.optim.SGD``'s arguments (lr, momentum, weight_decay, nesterov, ...).
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
-                 no_decay_1d: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        no_decay_1d: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.no_decay_1d = bool(no_decay_1d)
         if self.no_decay_1d:
             params = _split_1d(params)
