@@ -167,6 +167,11 @@ def test_compress_command_end_to_end(tmp_path, student_ckpt):
     # the saved pruned student is a plain state_dict: it loads into a fresh model
     fresh = create_model("mlp_tiny", 10, 1)
     fresh.load_state_dict(torch.load(out / "models" / "pruned_kd.pt"))
+    # issue 21: a second run into the same output_dir is refused before any work, nothing lost
+    with pytest.raises(ConfigError, match=r"output_dir=.*earlier compress run: pass --overwrite"):
+        cli_main(["compress", "-c", str(CONFIGS / "compress" / "mnist.yaml"),
+                  f"--checkpoint={student_ckpt}", f"--output_dir={out}"])
+    assert (out / "report.md").read_text() == md
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path, mnist_teacher_ckpt, student_ckpt):

@@ -25,6 +25,7 @@ import functools
 import inspect
 import itertools
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +333,8 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="a YAML config (configs/compress/)")
     parser.add_function_arguments(compress, as_group=False, skip={"config"})
+    parser.add_argument("--overwrite", type=bool, default=False,
+                        help="replace an earlier run's output_dir (refused otherwise)")
     return parser
 
 
@@ -341,11 +344,18 @@ def main(argv: list[str] | None = None) -> CompressResult:
     cfg = parse_or_config_error(parser, list(sys.argv[1:] if argv is None else argv), "compress",
                                 compress)
     resolved = cfg.clone()
-    del resolved["config"]
+    del resolved["config"], resolved["overwrite"]
+    overwrite = bool(cfg.pop("overwrite"))
     init = parser.instantiate_classes(cfg)
     names = [n for n in inspect.signature(compress).parameters if n != "config"]
     kwargs = {n: init[n] for n in names}
     out = Path(kwargs["output_dir"])
+    # an earlier run's models and report would be replaced, or mixed with this run's
+    if (out / "config.yaml").exists() or (out / "models").is_dir() and any((out / "models").iterdir()):
+        if not overwrite:
+            raise ConfigError("output_dir", str(out), "holds an earlier compress run: pass --overwrite=true "
+                              "to replace it, or give a new output_dir")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(parser.dump(resolved, skip_none=False))
     return compress(**kwargs, config=resolved.as_dict())
