@@ -36,6 +36,7 @@ from kd_lightning.preflight import (
 )
 from kd_lightning.tracking import TrackingSaveConfigCallback
 from kd_lightning.tracking_guard import guard_wandb_config
+from kd_lightning.translate import translate
 
 #: subcommand → "module:function(args)"; each one owns its own argument parser.
 EXTRA_COMMANDS: dict[str, str] = {
@@ -179,10 +180,43 @@ def _build_cli(args: list[str], run: bool) -> KDLightningCLI:
 def main(args: list[str] | None = None) -> KDLightningCLI | object:
     """Entry point for the console script, tests and notebooks: ``main(["fit", "-c", ...])``."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module, func = EXTRA_COMMANDS[argv[0]].split(":")
-        return getattr(importlib.import_module(module), func)(argv[1:])
-    return build_cli(args)
+    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(help_text())
+        return None
+    try:
+        if argv and argv[0] in EXTRA_COMMANDS:
+            module, func = EXTRA_COMMANDS[argv[0]].split(":")
+            return getattr(importlib.import_module(module), func)(argv[1:])
+        return build_cli(args)
+    except ConfigError:
+        raise
+    except Exception as err:  # the one translation point: third-party errors on bad input
+        translated = translate(err)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+#: one line per subcommand for `kd-lightning --help`
+COMMAND_HELP: dict[str, str] = {
+    "fit": "train a model from a YAML config (LightningCLI)",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test split",
+    "predict": "run a checkpoint over the predict split",
+    "experiment": "run a spec of runs (methods x seeds) and write its results table",
+    "compress": "prune / quantise a trained student and report size and accuracy",
+    "data": "data tools: `data optimize` (streaming shards), `data store-teacher` (teacher store)",
+    "import-teacher": "turn a published teacher checkpoint (e.g. RepDistiller .pth) into ours",
+}
+
+
+def help_text() -> str:
+    """`kd-lightning --help`: every subcommand, LightningCLI's and ours, one line each."""
+    width = max(map(len, COMMAND_HELP))
+    lines = ["usage: kd-lightning <command> [-c config.yaml] [--field=value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMAND_HELP.items()]
+    lines += ["", "`kd-lightning <command> --help` lists the options of one command."]
+    return "\n".join(lines)
 
 
 def console_main() -> None:
@@ -195,7 +229,7 @@ def console_main() -> None:
         print("kd-lightning: stopped by SIGTERM; resume with --ckpt_path=last", file=sys.stderr)
         raise SystemExit(143) from None
     except Exception as err:
-        config_error = _find_config_error(err)
+        config_error = _find_config_error(err) or translate(err)
         if config_error is None:
             raise
         print(f"kd-lightning: error: {config_error}", file=sys.stderr)

@@ -1,0 +1,114 @@
+"""Issue 21, "errors that are still tracebacks": third-party exceptions on bad user input go
+through one translation point (``kd_lightning.translate``) and come out as the one-line
+ConfigError naming the field the user set (exit 2 from the console); ``--help`` lists every
+subcommand (issue 22)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from kd_lightning.cli import COMMAND_HELP, EXTRA_COMMANDS, RUN_COMMANDS, console_main, main
+from kd_lightning.errors import ConfigError
+from kd_lightning.translate import translate
+from tests.conftest import CONFIGS
+from tests.helpers.jpeg_tree import write_jpeg_tree
+
+SCRATCH = str(CONFIGS / "quickstart" / "scratch.yaml")
+
+
+def _one_line(argv: list[str]) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        main(argv)
+    assert "\n" not in str(info.value), str(info.value)
+    return info.value
+
+
+def test_help_lists_every_subcommand_with_one_line(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert set(COMMAND_HELP) == set(RUN_COMMANDS) | set(EXTRA_COMMANDS)
+    for name in COMMAND_HELP:
+        assert f"  {name} " in out
+
+
+def test_gpu_accelerator_without_a_gpu_names_trainer_accelerator(tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so accelerator=gpu is valid here")
+    monkeypatch.chdir(tmp_path)
+    err = _one_line(["fit", "-c", SCRATCH, "--trainer.accelerator=gpu", "--trainer.fast_dev_run=1"])
+    assert err.field == "trainer.accelerator" and "'gpu'" in str(err) and "auto" in str(err)
+
+
+def test_nan_learning_rate_names_the_optimizer_field(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _one_line(
+        [
+            "fit",
+            "-c",
+            SCRATCH,
+            "--model.init_args.optimizer.init_args.lr=nan",
+            "--trainer.fast_dev_run=1",
+            "--test_after_fit=false",
+        ]
+    )
+    assert err.field == "model.init_args.optimizer.init_args.lr" and "nan" in str(err)
+
+
+def test_unreadable_jpeg_in_a_worker_is_one_line(tmp_path, monkeypatch):
+    root = write_jpeg_tree(tmp_path / "tree", classes=2, per_class=2)
+    (root / "train" / "class_0" / "img_1.JPEG").write_bytes(b"\xff\xd8 truncated")
+    monkeypatch.chdir(tmp_path)
+    err = _one_line(
+        [
+            "fit",
+            "--model=kd_lightning.modules.ClassifierModule",
+            "--model.model=mlp_tiny",
+            "--data=kd_lightning.data.ImageFolderDataModule",
+            f"--data.init_args.data_dir={root}",
+            "--data.init_args.image_size=16",
+            "--data.init_args.resize_size=18",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.num_workers=1",
+            "--trainer.fast_dev_run=1",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+        ]
+    )
+    assert "img_1.JPEG" in str(err) and "not a readable image" in str(err)
+    assert "Traceback" not in str(err)
+
+
+def test_unknown_exceptions_keep_their_traceback():
+    assert translate(KeyError("something else")) is None
+    assert (
+        translate(RuntimeError("Caught KeyError in DataLoader worker process 0.\nKeyError: 3"))
+        is None
+    )
+
+
+def test_console_exit_2_for_a_translated_error(tmp_path, monkeypatch, capsys):
+    # in-process (a subprocess costs ~19 s of imports); test_cli_errors runs the real script
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "kd-lightning",
+            "fit",
+            "-c",
+            SCRATCH,
+            "--trainer.fast_dev_run=1",
+            "--model.init_args.optimizer.init_args.lr=nan",
+        ],
+    )
+    with pytest.raises(SystemExit) as info:
+        console_main()
+    assert info.value.code == 2
+    lines = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("kd-lightning:")
+    ]
+    assert len(lines) == 1 and "model.init_args.optimizer.init_args.lr='nan'" in lines[0], lines
