@@ -81,3 +81,17 @@ def test_import_teacher_refuses_an_existing_checkpoint(tmp_path):
         main(["import-teacher", str(tmp_path / "any.pth"), "--format", "repdistiller",
               "--model", "resnet8x4", "-o", str(out)])
     assert torch.load(out) == {"trained": True}
+
+
+def test_store_teacher_composes_configs_and_data_overrides_like_fit(tree, tmp_path):
+    # finding 11: store-teacher kept only the last -c and refused --data.* overrides
+    base = _kd_config(tmp_path, tree, 0)
+    top = tmp_path / "top.yaml"
+    top.write_text("data:\n  init_args: {augment_views: 2}\n")
+    store = _store(base, tmp_path / "store", "-c", str(top), "--data.resize_size=40",
+                   "--seed_everything", "3")
+    sig = store.meta["signature"]
+    assert (sig["views"], sig["seed"], sig["resize"]) == (2, 3, 40)
+    assert sig["size"] == 32  # from the first config: the second merges into it
+    with pytest.raises(ConfigError, match="--trainer.max_epochs.*--data"):
+        _store(base, tmp_path / "s2", "--trainer.max_epochs=1")

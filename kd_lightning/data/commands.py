@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--overwrite", action="store_true", help="replace an earlier dataset there")
 
     st = sub.add_parser("store-teacher", help="write the teacher's top-k outputs to a TeacherStore")
-    st.add_argument("-c", "--config", required=True, help="a KD fit config (data: and model.teacher)")
+    st.add_argument("-c", "--config", required=True, action="append",
+                    help="KD fit config(s) (data: and model.teacher); several merge in order, as in fit")
     st.add_argument("--output", required=True, help="the store's directory")
     st.add_argument("--k", type=int, default=20, help="classes kept per sample")
     st.add_argument("--value_dtype", choices=("float16", "float32"), default="float16")
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None) -> Any:
     """Entry of ``kd-lightning data``; a ``ConfigError`` propagates to the console script,
     which prints it as one line and exits 2 (bad flags too, through OneLineArgumentParser). Returns
     the written dataset's description (optimize) or the TeacherStore (store-teacher)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "store-teacher":
+        args.overrides = _dotted_overrides(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "optimize":
         return optimize(args)
     previous = os.environ.get("PL_GLOBAL_SEED")
@@ -77,6 +83,56 @@ def main(argv: list[str] | None = None) -> Any:
             os.environ.pop("PL_GLOBAL_SEED", None)
         else:
             os.environ["PL_GLOBAL_SEED"] = previous
+
+
+def _dotted_overrides(extra: list[str]) -> list[tuple[str, Any]]:
+    """``--data.batch_size=8`` / ``--seed_everything 0`` style overrides, as fit takes them."""
+    out, i = [], 0
+    while i < len(extra):
+        key, eq, value = extra[i].partition("=")
+        if not key.startswith("--") or key[2:].split(".")[0] not in ("data", "model", "seed_everything"):
+            raise ConfigError(key, value or None, "store-teacher takes --data.*, --model.* and "
+                              "--seed_everything overrides besides its own flags")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise ConfigError(key, None, "give a value: --key=value")
+            value, i = extra[i + 1], i + 1
+        out.append((key[2:], yaml.safe_load(value)))
+        i += 1
+    return out
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, key by key in mappings (LightningCLI's order for stacked -c);
+    a new class_path drops the old init_args, as jsonargparse does."""
+    merged = dict(base)
+    for key, value in top.items():
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            if "class_path" in value and value["class_path"] != old.get("class_path"):
+                old = {}
+            merged[key] = _merge(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def compose(paths: list[str], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Configs merged in order, then dotted overrides (``data.x`` = ``data.init_args.x``)."""
+    config: dict[str, Any] = {}
+    for path in paths:
+        config = _merge(config, load_config(path))
+    for key, value in overrides:
+        parts = key.split(".")
+        if len(parts) > 1 and parts[1] not in ("class_path", "init_args"):
+            parts.insert(1, "init_args")
+        node = config
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}", value, f"{part} is not a mapping in the config")
+        node[parts[-1]] = value
+    return config
 
 
 # -- config helpers ------------------------------------------------------------------------------
@@ -175,7 +231,7 @@ def store_teacher(args: argparse.Namespace) -> Any:
     )
     from kd_lightning.modules.teacher_store import TeacherStore
 
-    config = load_config(args.config)
+    config = compose(args.config, getattr(args, "overrides", []))
     # the views are seeded by the run's seed_everything (the CLI's default is 42), as in fit
     seed = config.get("seed_everything", 42)
     # `is`, not `in`: 0 == False and 1 == True, and seed 0 is every shipped config's seed
