@@ -112,3 +112,34 @@ def test_console_exit_2_for_a_translated_error(tmp_path, monkeypatch, capsys):
         line for line in capsys.readouterr().err.splitlines() if line.startswith("kd-lightning:")
     ]
     assert len(lines) == 1 and "model.init_args.optimizer.init_args.lr='nan'" in lines[0], lines
+
+
+# -- corrupt Hugging Face data and a missing label column (HFTextDataModule) ----------------------
+def _toy(tmp_path, layout="save_to_disk"):
+    from tests.test_text_data import toy_dm, write_toy_dataset
+
+    root = write_toy_dataset(tmp_path / "toy", layout=layout)
+    return root, toy_dm
+
+
+def test_truncated_dataset_dict_json_names_data_dir(tmp_path):
+    root, toy_dm = _toy(tmp_path)
+    index = root / "toy" / "dataset_dict.json"
+    index.write_text(index.read_text()[:7])
+    with pytest.raises(ConfigError, match=r"^data\.data_dir=.*cannot be read") as info:
+        toy_dm(root).setup("fit")
+    assert "\n" not in str(info.value)
+
+
+def test_garbage_parquet_names_data_dir(tmp_path):
+    root, toy_dm = _toy(tmp_path, layout="parquet")
+    for shard in (root / "toy").rglob("*.parquet"):
+        shard.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(ConfigError, match=r"^data\.data_dir=.*cannot be read"):
+        toy_dm(root).setup("fit")
+
+
+def test_missing_label_column_is_named_before_the_class_count_reads_it(tmp_path):
+    root, toy_dm = _toy(tmp_path)
+    with pytest.raises(ConfigError, match=r"^data\.label_column='stars'.*no such column"):
+        _ = toy_dm(root, label_column="stars").num_classes

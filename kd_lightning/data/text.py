@@ -825,6 +825,12 @@ class HFTextDataModule(TextDataModule):
         return data
 
     def _classes_of(self, split: Any) -> int:
+        if self.label_column not in split.column_names:  # before the column is read
+            raise ConfigError(
+                "data.label_column",
+                self.label_column,
+                f"the {self.train_split!r} split has no such column; it has {split.column_names}",
+            )
         feature = split.features.get(self.label_column)
         n = getattr(feature, "num_classes", None)
         if n is not None:
@@ -892,6 +898,19 @@ def read_local_dataset(path: Path) -> Any:
     None when neither is there."""
     import datasets
 
+    try:
+        return _read_local_dataset(path, datasets)
+    except Exception as err:  # truncated dataset_dict.json, garbage parquet, …: datasets/pyarrow
+        first = next(iter(str(err).splitlines()), "")
+        raise ConfigError(
+            "data.data_dir",
+            str(path),
+            f"the saved dataset there cannot be read ({type(err).__name__}: {first}); "
+            "delete it and save or download it again",
+        ) from None
+
+
+def _read_local_dataset(path: Path, datasets: Any) -> Any:
     if (path / "dataset_dict.json").is_file():
         return datasets.load_from_disk(str(path))
     files: dict[str, list[str]] = {}
