@@ -260,3 +260,20 @@ def test_wandb_experiment_runs_offline_for_real(tmp_path: Path, monkeypatch, cap
         assert len(runs) == 1, stage
         assert json.loads((out / stage / "seed0" / "done.json").read_text())["test_acc_last"] > 0
     assert "3/3 runs done" in capsys.readouterr().out
+
+
+def test_grid_expands_kd_stages_and_seeds(tmp_path: Path) -> None:
+    grid = str(CONFIGS / "experiments" / "grid_smoke.yaml")
+    spec = parse_spec(["--config", grid, f"--output_dir={tmp_path}"])
+    assert spec.seeds == [0, 1]
+    assert [s.name for s in spec.kd] == ["kd-lr=0.002", "kd-lr=0.004"]
+    lrs = [s.overrides["model"]["init_args"]["optimizer"]["init_args"]["lr"] for s in spec.kd]
+    assert lrs == [0.002, 0.004]
+    # the value reaches the run as the stage's overrides file, and the CLI accepts it
+    exp = Experiment(spec)
+    args = exp._fit_args("kd", spec.kd[1], 0, tmp_path / "kd-lr=0.004" / "seed0", "t.ckpt")
+    fragment = tmp_path / "kd-lr=0.004" / "overrides.yaml"
+    assert str(fragment) in args and "lr: 0.004" in fragment.read_text()
+    exp._preflight()  # every expanded stage parses as a `kd-lightning fit`
+    with pytest.raises(ConfigError, match=r"grid\.model\.x"):
+        parse_spec(["--config", grid, "--grid={model.x: []}"])

@@ -8,6 +8,8 @@ works on the command line works here. See ``configs/experiments/quickstart.yaml`
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--overwrite", type=bool, default=False,
                    help="re-run (and replace) finished runs whose arguments or configs changed; "
                    "unchanged finished runs are still skipped")
+    p.add_argument("--grid", type=dict[str, list[Any]], default={},
+                   help="dotted config key → values: every KD stage runs once per combination "
+                   "(key 'seeds' replaces the seeds), e.g. {model.init_args.temperature: [2, 4]}")
     p.add_argument("--published", type=dict[str, float | None], default={},
                    help="stage name → published top-1 (%%) it reproduces, shown beside ours")
     p.add_argument("--published_source", type=str | None, default=None,
@@ -152,8 +157,47 @@ def parse_spec(argv: list[str]) -> ExperimentSpec:
         published_source=cfg["published_source"],
         source_dir=str(source) if source else None,
     )
+    expand_grid(spec, dict(cfg["grid"] or {}))
     check_spec(spec)
     return spec
+
+
+def expand_grid(spec: ExperimentSpec, grid: dict[str, list[Any]]) -> None:
+    """Replace each KD stage by one stage per combination of ``grid`` values (in place).
+
+    A stage ``kd`` with ``{model.init_args.temperature: [2, 4]}`` becomes ``kd-temperature=2``
+    and ``kd-temperature=4``, each with the value in its ``overrides``; ``seeds`` in the grid
+    sets the seeds, so finished runs, the table and mean ± std work as for hand-written stages.
+    """
+    grid = dict(grid)
+    if "seeds" in grid:
+        spec.seeds = [int(s) for s in grid.pop("seeds")]
+    for key, values in grid.items():
+        if not values or not isinstance(values, list):
+            raise ConfigError(f"grid.{key}", values, "give a non-empty list of values")
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError("grid", key, "keys are dotted config keys, e.g. model.init_args.alpha")
+    if not grid:
+        return
+    stages = []
+    for stage in spec.kd:
+        for combo in itertools.product(*grid.values()):
+            overrides = copy.deepcopy(stage.overrides)
+            label = []
+            for key, value in zip(grid, combo, strict=True):
+                node = overrides
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                    if not isinstance(node, dict):
+                        raise ConfigError(f"grid.{key}", value, f"{part} is not a mapping here")
+                node[leaf] = value
+                # a list or mapping value (a whole heads list …) is named by its position
+                shown = value if isinstance(value, str | int | float | bool) else grid[key].index(value)
+                label.append(f"{leaf}={shown}")
+            stages.append(Stage(name=f"{stage.name}-{'-'.join(label)}", configs=list(stage.configs),
+                                overrides=overrides))
+    spec.kd = stages
 
 
 def check_spec(spec: ExperimentSpec) -> None:
