@@ -143,3 +143,24 @@ def test_missing_label_column_is_named_before_the_class_count_reads_it(tmp_path)
     root, toy_dm = _toy(tmp_path)
     with pytest.raises(ConfigError, match=r"^data\.label_column='stars'.*no such column"):
         _ = toy_dm(root, label_column="stars").num_classes
+
+
+# -- messages name the field the user set ---------------------------------------------------------
+def test_missing_image_root_names_data_dir(tmp_path):
+    from kd_lightning.data.imagefolder import ImageFolderDataModule
+
+    with pytest.raises(ConfigError, match=r"^data\.data_dir=.*no such folder"):
+        ImageFolderDataModule(str(tmp_path / "missing"))
+
+
+def test_store_topk_errors_name_model_performance_store_topk(tmp_path):
+    from kd_lightning.data.imagefolder import ImageFolderDataModule
+    from kd_lightning.modules.performance import Performance
+
+    root = write_jpeg_tree(tmp_path / "tree", classes=2, per_class=2)
+    dm = ImageFolderDataModule(str(root), image_size=16, resize_size=18, augment_views=1)
+    store = Performance(teacher_cache="disk", store_dir=str(tmp_path / "s"), store_topk=5)
+    with pytest.raises(
+        ConfigError, match=r"^model\.performance\.store_topk=5 .*k <= the 2 classes"
+    ):
+        store.make_cache(2).bind(dm, 2, ["t"])

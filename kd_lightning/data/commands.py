@@ -256,7 +256,10 @@ def store_teacher(args: argparse.Namespace) -> Any:
     for teacher in teachers:
         refuse_untrained(teacher)
     _refuse_overwrite(Path(args.output), "meta.json", "--output", "teacher store", args.overwrite)
-    store = TeacherStore(args.output, args.k, args.value_dtype)
+    store = TeacherStore(
+        args.output, args.k, args.value_dtype,
+        fields={"k": "--k", "path": "--output", "value_dtype": "--value_dtype"},
+    )
     store.bind(dm, dm.num_classes, [fingerprint(t) for t in teachers])
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]

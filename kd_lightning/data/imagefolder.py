@@ -507,6 +507,11 @@ class ImageFolderDataModule(ImageDataMixin, L.LightningDataModule):
         self.data_dir, self.train_dir, self.val_dir, self.test_dir = data_dir, train_dir, val_dir, test_dir
         self.val_fraction = val_fraction
         root = Path(data_dir)
+        if not root.is_dir():  # name what the user set, not the train_dir default under it
+            raise ConfigError(
+                "data.data_dir", str(data_dir),
+                "no such folder: expected the ImageFolder layout <data_dir>/<split>/<class>/<image>",
+            )
         # the class list (not the file list) now: the CLI links num_classes into the model
         self.classes = list_classes(root / train_dir, "data.train_dir")
         self.num_classes = len(self.classes)

@@ -69,7 +69,10 @@ class Performance:
         if self.teacher_cache == "disk":
             from kd_lightning.modules.teacher_store import TeacherStore
 
-            return TeacherStore(self.store_dir, k=self.store_topk or num_classes)
+            return TeacherStore(
+                self.store_dir, k=self.store_topk or num_classes,
+                fields={"k": "model.performance.store_topk", "path": "model.performance.store_dir"},
+            )
         return None
 
     def apply(self, model: nn.Module, role: Literal["student", "teacher"]) -> None:

@@ -121,11 +121,15 @@ class TeacherStore:
         k: int = 20,
         value_dtype: Literal["float16", "float32"] | None = None,
         read_only: bool = False,
+        fields: dict[str, str] | None = None,
     ) -> None:
+        # errors name what the user set: model.performance.store_topk, or --k of store-teacher
+        self.fields = {"k": "teacher_store.k", "path": "model.teacher_store",
+                       "value_dtype": "teacher_store.value_dtype", **(fields or {})}
         if k < 1:
-            raise ConfigError("teacher_store.k", k, "use k >= 1 stored classes per sample (e.g. 20)")
+            raise ConfigError(self.fields["k"], k, "use k >= 1 stored classes per sample (e.g. 20)")
         if value_dtype not in (None, "float16", "float32"):
-            raise ConfigError("teacher_store.value_dtype", value_dtype, "use float16 or float32")
+            raise ConfigError(self.fields["value_dtype"], value_dtype, "use float16 or float32")
         self.path, self.k, self.value_dtype, self.read_only = Path(path), int(k), value_dtype, read_only
         self.meta: dict[str, Any] | None = None
         self.tables: dict[str, _Table] = {}
@@ -145,12 +149,12 @@ class TeacherStore:
         signature = getattr(datamodule, "augmentation_signature", None)
         if signature is None:
             raise ConfigError(
-                "model.teacher_store", str(self.path),
+                self.fields["path"], str(self.path),
                 f"{type(datamodule).__name__} does not describe its augmentation views "
                 "(augmentation_signature); use ImageFolderDataModule or StreamingImageDataModule",
             )
         if self.k > num_classes:
-            raise ConfigError("teacher_store.k", self.k, f"use k <= the {num_classes} classes")
+            raise ConfigError(self.fields["k"], self.k, f"use k <= the {num_classes} classes")
         wanted = {
             "format": FORMAT_VERSION, "k": self.k, "num_classes": int(num_classes),
             "value_dtype": self.value_dtype or "float16", "teachers": list(fingerprints),
@@ -231,9 +235,9 @@ class TeacherStore:
     def __call__(self, stage: str, batch: dict[str, Any], compute: Compute) -> list[ModelOutput]:
         """The teachers' (top-k) outputs for ``batch``, computing and storing the misses."""
         if self.meta is None:
-            raise ConfigError("model.teacher_store", str(self.path), "call bind(datamodule, …) before use")
+            raise ConfigError(self.fields["path"], str(self.path), "call bind(datamodule, …) before use")
         if stage not in self.tables:
-            raise ConfigError("model.teacher_store", stage, f"the store has no {stage!r} table")
+            raise ConfigError(self.fields["path"], stage, f"the store has no {stage!r} table")
         index, view = batch_keys(batch)
         table = self.tables[stage]
         n, v = table.filled.shape
@@ -266,7 +270,7 @@ class TeacherStore:
         table = self.tables[stage]
         if any(out.features for out in outputs):
             raise ConfigError(
-                "model.teacher_store", str(self.path),
+                self.fields["path"], str(self.path),
                 "the loss heads ask for teacher feature maps, which the store does not keep "
                 "(logits only): use the live teacher or model.teacher_cache for feature heads",
             )
