@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
@@ -143,9 +144,29 @@ def check_command_line(line: CommandLine) -> CommandLine:
     for path in line.config_files:
         load_config_file(path)
     line = expand_index_flags(line)
-    ckpt_path = merged_config(line).get("ckpt_path")
+    merged = merged_config(line)
+    ckpt_path = merged.get("ckpt_path")
     check_ckpt_path(ckpt_path if isinstance(ckpt_path, str) else None)
+    check_ckpt_module(merged, ckpt_path)
     return line
+
+
+def check_ckpt_module(merged: dict, ckpt_path: object) -> None:
+    """Refuse a checkpoint of another module class than the config's: LightningCLI would
+    rebuild the model from the checkpoint's hyper-parameters (e.g. a teacher's ClassifierModule
+    for a KD config) and report that model's metrics as the run's (issue 21, finding 3)."""
+    model = merged.get("model")
+    wanted = model.get("class_path") if isinstance(model, dict) else model
+    if not isinstance(ckpt_path, str) or not isinstance(wanted, str) or not Path(ckpt_path).is_file():
+        return
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    saved = (ckpt.get("hyper_parameters") or {}).get("_class_path") if isinstance(ckpt, dict) else None
+    if isinstance(saved, str) and saved.rpartition(".")[2] != wanted.rpartition(".")[2]:
+        raise ConfigError("ckpt_path", ckpt_path, f"is a {saved.rpartition('.')[2]} checkpoint but "
+                          f"the config's model is {wanted.rpartition('.')[2]}: give a checkpoint of "
+                          "this run, or the config it was trained with")
 
 
 def explain(failure: ParseFailure, line: CommandLine | None) -> ConfigError:

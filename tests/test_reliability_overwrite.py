@@ -12,6 +12,8 @@ from kd_lightning.cli import main
 from kd_lightning.errors import ConfigError
 from tests.helpers.jpeg_tree import write_jpeg_tree
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
@@ -95,3 +97,10 @@ def test_store_teacher_composes_configs_and_data_overrides_like_fit(tree, tmp_pa
     assert sig["size"] == 32  # from the first config: the second merges into it
     with pytest.raises(ConfigError, match="--trainer.max_epochs.*--data"):
         _store(base, tmp_path / "s2", "--trainer.max_epochs=1")
+
+
+def test_validate_refuses_a_checkpoint_of_another_module_class(mnist_teacher_ckpt):
+    # finding 3: a teacher's ClassifierModule checkpoint under a KD config was validated as
+    # the teacher, its accuracy reported as the KD run's val/acc
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*ClassifierModule checkpoint.*DistillationModule"):
+        main(["validate", "-c", str(CONFIGS / "quickstart" / "kd.yaml"), f"--ckpt_path={mnist_teacher_ckpt}"])
