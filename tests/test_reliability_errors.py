@@ -164,3 +164,28 @@ def test_store_topk_errors_name_model_performance_store_topk(tmp_path):
         ConfigError, match=r"^model\.performance\.store_topk=5 .*k <= the 2 classes"
     ):
         store.make_cache(2).bind(dm, 2, ["t"])
+
+
+def test_truncated_litdata_index_json_names_input_dir(tmp_path):
+    from kd_lightning.data.streaming import StreamingImageDataModule
+
+    root = write_jpeg_tree(tmp_path / "tree", classes=2, per_class=2)
+    out = tmp_path / "stream"
+    main(
+        [
+            "data",
+            "optimize",
+            "--data_dir",
+            str(root),
+            "--output_dir",
+            str(out),
+            "--num_workers",
+            "1",
+        ]
+    )
+    index = out / "train" / "index.json"
+    index.write_text(index.read_text()[:20])
+    with pytest.raises(
+        ConfigError, match=r"^data\.input_dir=.*train/index\.json is not valid JSON"
+    ):
+        StreamingImageDataModule(str(out), image_size=16, resize_size=18).setup("fit")

@@ -317,8 +317,20 @@ class StreamingImageDataModule(ImageDataMixin, L.LightningDataModule):
                 "no LitData train split there (train/index.json): convert the dataset first with "
                 "`kd-lightning data optimize --data_dir <imagefolder> --output_dir <dir>`",
             )
-        path = root / META_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        meta = None
+        for index in [*sorted(root.glob("*/index.json")), root / META_FILE]:
+            if not index.is_file():
+                continue
+            try:  # a truncated file would surface as litdata's raw JSONDecodeError at setup
+                parsed = json.loads(index.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(
+                    "data.input_dir", self.input_dir,
+                    f"{index.relative_to(root)} is not valid JSON ({err}); convert the dataset "
+                    "again with `kd-lightning data optimize ... --overwrite`",
+                ) from None
+            meta = parsed if index.name == META_FILE else meta
+        return meta
 
     def _stream(self, split: str, mode: Literal["train", "eval", "encoded"], shuffle: bool, drop_last: bool) -> Any:
         kwargs: dict[str, Any] = {"shuffle": shuffle, "drop_last": drop_last, "seed": self.view_seed,
