@@ -189,3 +189,16 @@ def test_truncated_litdata_index_json_names_input_dir(tmp_path):
         ConfigError, match=r"^data\.input_dir=.*train/index\.json is not valid JSON"
     ):
         StreamingImageDataModule(str(out), image_size=16, resize_size=18).setup("fit")
+
+
+def test_compress_refuses_a_text_student_without_calling_tokens_channels(tmp_path):
+    import torch
+
+    from kd_lightning.compress.pipeline import load_student
+
+    ckpt = tmp_path / "text.ckpt"  # the layout a text ClassifierModule checkpoint has
+    hp = {"model": "text_cnn", "num_classes": 2, "input_shape": [64], "vocab_sizes": {"text": 200}}
+    torch.save({"hyper_parameters": hp, "state_dict": {}}, ckpt)
+    with pytest.raises(ConfigError, match=r"^checkpoint=.*reads token ids.*image students") as info:
+        load_student(str(ckpt))
+    assert "channel" not in str(info.value)

@@ -112,6 +112,13 @@ def load_student(checkpoint: str) -> StudentSource:
             "not a kd-lightning DistillationModule or ClassifierModule checkpoint (no model name "
             "in its hyper_parameters)",
         )
+    shape = tuple(int(s) for s in hp.get("input_shape", (1, 28, 28)))
+    if len(shape) != 3 or hp.get("vocab_sizes"):  # a text student: (max_length,) token ids
+        raise ConfigError(
+            "checkpoint", checkpoint,
+            f"its student {name!r} reads token ids (input_shape={list(shape)}), and compress "
+            "handles image students (input_shape [C, H, W]) only",
+        )
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     return StudentSource(
         name, dict(kwargs or {}), state, int(hp.get("num_classes", 10)),
