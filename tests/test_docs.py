@@ -179,11 +179,13 @@ def dry_parse(run: Callable[[], object]) -> None:
 
     depth = [0]
     patched = {}
-    for cls in (argparse.ArgumentParser, jsonargparse.ArgumentParser):
-        real = cls.parse_args
-        patched[cls] = real
+    # parse_known_args too: a command that takes dotted overrides parses with it
+    for cls, method in [(c, m) for c in (argparse.ArgumentParser, jsonargparse.ArgumentParser)
+                        for m in ("parse_args", "parse_known_args") if m in vars(c)]:
+        real = getattr(cls, method)
+        patched[(cls, method)] = real
 
-        def parse_args(self, *a, _real=real, **kw):
+        def parse(self, *a, _real=real, **kw):
             depth[0] += 1
             try:
                 result = _real(self, *a, **kw)
@@ -193,13 +195,13 @@ def dry_parse(run: Callable[[], object]) -> None:
                 raise Parsed
             return result
 
-        cls.parse_args = parse_args
+        setattr(cls, method, parse)
     try:
         with pytest.raises(Parsed):
             run()
     finally:
-        for cls, real in patched.items():
-            cls.parse_args = real
+        for (cls, method), real in patched.items():
+            setattr(cls, method, real)
 
 
 def python(args: list[str]) -> str:
