@@ -38,6 +38,7 @@ from kd_lightning.losses import (
     ReviewKD,
 )
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from tests.parity.compare import assert_grads, assert_rel
 
 N = 4
 #: spatial relations (student H, teacher H): the zoo's stages differ by factors of 2, and a
@@ -46,7 +47,6 @@ SPATIAL = {"smaller": (4, 8), "equal": (4, 4), "larger": (8, 4), "larger_odd": (
 #: channel relations (student C, teacher C)
 WIDTHS = {"equal_width": (6, 6), "unequal_width": (4, 6)}
 RELATIONS = [(s, w) for s in SPATIAL for w in WIDTHS]
-RTOL = 1e-6
 
 
 def maps(seed: int, *shapes: tuple[int, ...], relu: bool = False) -> list[Tensor]:
@@ -61,10 +61,6 @@ def built(head, s: dict[str, Tensor], t: dict[str, Tensor]):
     return head.double().train()
 
 
-def assert_rel(got: Tensor, want: Tensor, what: str) -> None:
-    scale = want.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * float(scale) * 1e-3,
-                               msg=lambda m: f"{what}: {m}")
 
 
 def check(
@@ -88,12 +84,7 @@ def check(
     inputs_h = [*s_head.values(), *params.values()]
     inputs_r = [*s_ref.values(), *ref_params.values()]
     names = [*(f"student {k}" for k in s), *params]
-    g_h = torch.autograd.grad(loss, inputs_h, allow_unused=True)
-    g_r = torch.autograd.grad(want, inputs_r, allow_unused=True)
-    for name, a, b, x in zip(names, g_h, g_r, inputs_r):
-        a = torch.zeros_like(x) if a is None else a
-        b = torch.zeros_like(x) if b is None else b
-        assert_rel(a, b, f"gradient w.r.t. {name}")
+    assert_grads(loss, want, inputs_h, inputs_r, names)
     return loss.detach()
 
 

@@ -44,8 +44,8 @@ from kd_lightning.losses import (
     PseudoLabel,
 )
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from tests.parity.compare import assert_grads, assert_rel
 
-RTOL = 1e-6
 #: (N, C): more samples than classes, fewer, and equal
 SIZES = {"n_gt_c": (12, 5), "n_lt_c": (4, 10), "n_eq_c": (6, 6)}
 
@@ -58,9 +58,6 @@ def logits(seed: int, n: int, c: int, t_scale: float = 3.0) -> tuple[Tensor, Ten
     return z_s, z_t, label
 
 
-def assert_rel(got: Tensor, want: Tensor, what: str) -> None:
-    scale = want.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * float(scale) * 1e-3, msg=what)
 
 
 def check(
@@ -81,12 +78,7 @@ def check(
     assert_rel(loss.detach(), want.detach(), "value")
     inputs_h, inputs_r = [s_head, *params.values()], [s_ref, *ref_params.values()]
     names = ["student logits", *params]
-    g_h = torch.autograd.grad(loss, inputs_h, allow_unused=True)
-    g_r = torch.autograd.grad(want, inputs_r, allow_unused=True)
-    for name, a, b, x in zip(names, g_h, g_r, inputs_r):
-        a = torch.zeros_like(x) if a is None else a
-        b = torch.zeros_like(x) if b is None else b
-        assert_rel(a, b, f"gradient w.r.t. {name}")
+    assert_grads(loss, want, inputs_h, inputs_r, names)
     return loss.detach()
 
 

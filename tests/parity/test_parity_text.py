@@ -21,9 +21,9 @@ from torch import Tensor
 
 from kd_lightning.losses import AttentionMSE, HiddenStateCosine, HiddenStateMSE
 from kd_lightning.losses.outputs import ModelOutput, TeacherOutput
+from tests.parity.compare import RTOL, assert_grads, assert_rel
 
 B, L, HEADS = 3, 6, 2
-RTOL = 1e-6
 WIDTHS = {"equal_width": (8, 8), "unequal_width": (4, 8)}
 
 
@@ -39,9 +39,6 @@ def padding_mask() -> Tensor:
     return mask
 
 
-def assert_rel(got: Tensor, want: Tensor, what: str) -> None:
-    scale = want.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * float(scale) * 1e-3, msg=what)
 
 
 def check(
@@ -66,12 +63,7 @@ def check(
         [*s_ref.values(), *ref_params.values()],
     )
     names = [*(f"student {k}" for k in s), *params]
-    g_h = torch.autograd.grad(loss, inputs_h, allow_unused=True)
-    g_r = torch.autograd.grad(want, inputs_r, allow_unused=True)
-    for name, a, b, x in zip(names, g_h, g_r, inputs_r):
-        a = torch.zeros_like(x) if a is None else a
-        b = torch.zeros_like(x) if b is None else b
-        assert_rel(a, b, f"gradient w.r.t. {name}")
+    assert_grads(loss, want, inputs_h, inputs_r, names)
 
 
 def mse(a: Tensor, b: Tensor) -> Tensor:
