@@ -34,6 +34,7 @@ from kd_lightning.preflight import (
     expand_index_flags,
     load_config_file,
     merged_config,
+    name_stacked_run,
 )
 from kd_lightning.tracking import TrackingSaveConfigCallback
 from kd_lightning.tracking_guard import guard_wandb_config
@@ -121,8 +122,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> KDLightningCLI
     argv = list(sys.argv[1:] if args is None else args)
     line = CommandLine.split(argv)
     if line is not None and line.subcommand in RUN_COMMANDS:
-        checked = check_command_line(line)
-        if checked is not line:  # list-index flags were rewritten
+        checked = name_stacked_run(check_command_line(line))
+        if checked is not line:  # list-index flags or the stacked run's name were rewritten
             argv, line = checked.join(), checked
     with warnings.catch_warnings():
         # explicit args from tests/notebooks are intended; Lightning warns if sys.argv is also set

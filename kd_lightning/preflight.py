@@ -180,6 +180,39 @@ def check_ckpt_path(value: str | None, field: str = "ckpt_path") -> None:
                           "checkpoint, e.g. --ckpt_path=last") from None
 
 
+def _names_run(config: dict[str, Any]) -> bool:
+    trainer = config.get("trainer")
+    return bool((config.get("checkpoint") or {}).get("dirpath")
+                or (isinstance(trainer, dict) and "logger" in trainer))
+
+
+def name_stacked_run(line: CommandLine) -> CommandLine:
+    """``fit -c base.yaml -c configs/kd/dkd.yaml``: when only an earlier file names the run
+    (checkpoint folder, logger name), the run is named ``<name>+<stems of the later files>``,
+    so a stacked head config neither logs as the base run nor takes its checkpoint folder.
+    Flags that set either on the command line win, untouched."""
+    files = line.config_files
+    if line.subcommand != "fit" or len(files) < 2:
+        return line
+    if any(key and key.startswith(("checkpoint.dirpath", "trainer.logger")) for _, key, _ in line.items):
+        return line
+    naming = [i for i, f in enumerate(files) if _names_run(load_config_file(f))]
+    if not naming or naming[-1] == len(files) - 1:
+        return line
+    suffix = "+".join(Path(f).stem for f in files[naming[-1] + 1:])
+    merged = merged_config(line)
+    extra: list[tuple[str, str | None, str]] = []
+    dirpath = (merged.get("checkpoint") or {}).get("dirpath")
+    if isinstance(dirpath, str):
+        extra.append(("--checkpoint.dirpath", "checkpoint.dirpath", f"{dirpath}+{suffix}"))
+    logger = (merged.get("trainer") or {}).get("logger")
+    name = (logger.get("init_args") or {}).get("name") if isinstance(logger, dict) else None
+    if isinstance(name, str):
+        key = "trainer.logger.init_args.name"
+        extra.append((f"--{key}", key, f"{name}+{suffix}"))
+    return CommandLine(line.subcommand, [*line.items, *extra]) if extra else line
+
+
 def merged_config(line: CommandLine) -> dict[str, Any]:
     """The config as the files and ``--key=value`` flags set it, in their order (later wins).
 

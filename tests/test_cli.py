@@ -68,3 +68,21 @@ def test_last_checkpoint_is_the_final_epoch_even_after_the_best_one(tmp_path):
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == cli.trainer.global_step == 6
     assert last["epoch"] == 2
+
+
+def test_a_stacked_head_config_names_its_own_run(monkeypatch):
+    """Issue 21, finding 8: ``-c quickstart/kd.yaml -c kd/dkd.yaml`` used kd's log name and
+    checkpoint folder (so the DKD run logged as ``kd`` and set kd's checkpoints aside)."""
+    from kd_lightning.preflight import CommandLine, name_stacked_run
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the configs' relative paths
+    base, dkd = "configs/quickstart/kd.yaml", "configs/kd/dkd.yaml"
+    line = name_stacked_run(CommandLine.split(["fit", "-c", base, "-c", dkd]))
+    flags = dict((key, value) for _, key, value in line.items if key)
+    assert flags["checkpoint.dirpath"] == "runs/quickstart/kd+dkd"
+    assert flags["trainer.logger.init_args.name"] == "kd+dkd"
+    # one file, or a run folder the user set, is left as it is
+    single = CommandLine.split(["fit", "-c", base])
+    assert name_stacked_run(single) is single
+    chosen = CommandLine.split(["fit", "-c", base, "-c", dkd, "--checkpoint.dirpath=runs/mine"])
+    assert name_stacked_run(chosen) is chosen
