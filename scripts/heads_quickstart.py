@@ -52,8 +52,12 @@ def configs_sha256(*paths: Path) -> str:
 
 
 def commit() -> str:
+    """The commit a row ran on; "-dirty" only for changes outside this script's own output file."""
     rev = git_revision(REPO)
-    return rev["git_commit"] + ("-dirty" if rev.get("git_dirty") else "")
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                            capture_output=True, text=True).stdout.splitlines()
+    dirty = [line for line in status if not line.endswith(str(OUT.relative_to(REPO)))]
+    return rev["git_commit"] + ("-dirty" if dirty else "")
 
 
 def cli(*args: str) -> float:
