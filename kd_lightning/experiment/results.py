@@ -24,6 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+#: what the causal-LM modules record (kd_lightning.experiment.runner._test_metrics)
+LM_METRICS = tuple(
+    f"test_{m}_best"
+    for m in ("nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL")
+)
+
 #: per-run metrics that are averaged over seeds (fractions in [0, 1], except KL in nats)
 METRICS = (
     "test_acc_best", "test_acc_last", "test_acc_best_on_test",
@@ -31,6 +37,8 @@ METRICS = (
     "test_ece_best", "test_ece_last",
     "test_acc_top5_best", "test_acc_top5_last",
     "kl_teacher_student_best",
+    # causal-LM runs: held-out NLL (nats/token), KL(teacher ‖ student), ROUGE-L F
+    *LM_METRICS,
 )
 
 #: the flat columns of results.csv, in order
@@ -161,6 +169,7 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
         "ECE = 15-bin expected calibration error; both for the best-val checkpoint (the last "
         "epoch's weights without a validation split).",
     ]
+    lines += lm_table(rows)
     if meta.get("published_source"):
         lines.append(f"- **published**: {meta['published_source']}")
     if meta.get("seeds") is not None:
@@ -190,10 +199,36 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
     return "\n".join(lines) + "\n"
 
 
+LM_HEADER = ("row", "kind", "NLL (nats/token)", "ppl", "KL(teacher ‖ student)",
+             "reverse KL", "ROUGE-L F (%)", "seeds")
+
+
+def lm_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The causal-LM rows (held-out, best-val checkpoint), mean ± std over seeds."""
+    lm = [r for r in rows if r.get("test_nll_best_mean") is not None]
+    if not lm:
+        return []
+
+    def cell(r: dict[str, Any], m: str, scale: float = 1.0, digits: int = 3) -> str:
+        mean, std = r.get(f"test_{m}_best_mean"), r.get(f"test_{m}_best_std")
+        if mean is None:
+            return "—"
+        return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
+
+    out = ["", "Causal LM, held-out completions (best-val checkpoint; KL against the "
+           "experiment's teacher, teacher entropy included):", "",
+           "| " + " | ".join(LM_HEADER) + " |", "|" + "---|" * len(LM_HEADER)]
+    for r in lm:
+        out.append("| " + " | ".join([
+            r["name"], r["kind"], cell(r, "nll"), cell(r, "ppl", digits=1), cell(r, "kl"),
+            cell(r, "reverse_kl"), cell(r, "rougeL", 100, 2), str(r["n_seeds"])]) + " |")
+    return out
+
+
 def text_table(rows: list[dict[str, Any]]) -> str:
     """The results table for the terminal (fixed-width columns)."""
     cells = [list(TABLE_HEADER), *table_cells(rows)]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER))]
     out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return "\n".join(out + lm_table(rows))
