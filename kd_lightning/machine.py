@@ -36,9 +36,11 @@ def machine_info() -> dict[str, str | int | None]:
     }
 
 
-def machine_line() -> str:
-    """``machine_info`` as one line, for the header of a CSV or a printed report."""
-    info = machine_info()
+def machine_line(info: dict | None = None) -> str:
+    """``machine_info`` (this machine's, or a recorded one) as one line, for a header or report."""
+    if isinstance(info, str):  # older result files recorded the line itself
+        return info
+    info = info or machine_info()
     gpu = info["cuda"] or "no GPU"
     return (f"{info['cpu_model']}, {info['nproc']} cores ({info['torch_threads']} torch threads), "
             f"{gpu}, torch {info['torch']}, lightning {info['lightning']}")

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kd_lightning.machine import machine_line
+
 #: what the causal-LM modules record (kd_lightning.experiment.runner._test_metrics)
 LM_METRICS = tuple(
     f"test_{m}_best"
@@ -155,6 +157,13 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
     lines = []
     if meta.get("name"):
         lines += [f"### Experiment `{meta['name']}`", ""]
+    if meta.get("git_commit"):  # where the numbers came from, so the file can be reproduced
+        dirty = " (with uncommitted changes)" if meta.get("git_dirty") else ""
+        lines += [f"- command: `{meta.get('command', '')}`",
+                  f"- commit: {meta['git_commit']}{dirty}; resolved config sha256: "
+                  f"{str(meta.get('resolved_config_sha256', ''))[:16]}",
+                  f"- machine: {machine_line(meta['machine']) if meta.get('machine') else 'not recorded'}"
+                  f"; date: {meta.get('date', '')}", ""]
     lines += ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     lines += ["| " + " | ".join(c) + " |" for c in table_cells(rows)]
     lines += [
