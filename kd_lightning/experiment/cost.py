@@ -87,7 +87,16 @@ def main(argv: list[str] | None = None) -> Path:
     rows = estimate(table, args.tflops, args.seeds)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from kd_lightning.provenance import provenance
+
+    record = provenance(["python", "-m", "kd_lightning.experiment.cost", *(argv or [])],
+                        [REPO / "configs/repro/recipes.yaml"], vars(args))
     with out.open("w", newline="") as fh:
+        fh.write(f"# estimate from counted FLOPs at an assumed {args.tflops} TFLOP/s effective; "
+                 "not a measurement\n")
+        fh.write(f"# command: {record['command']}\n# git_commit: {record['git_commit']}"
+                 f"{'-dirty' if record.get('git_dirty') else ''}\n")
+        fh.write(f"# resolved_config_sha256: {record['resolved_config_sha256']}\n")
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
