@@ -18,7 +18,7 @@ from kd_lightning.data import (
     TextFileSource,
 )
 from kd_lightning.data import text as text_module
-from kd_lightning.data.text import PadCollate, wordpiece_cache_path
+from kd_lightning.data.text import TextCollator, wordpiece_folder
 from kd_lightning.data.text_augment import words
 from kd_lightning.data.transfer import TextTransferContext
 from kd_lightning.errors import ConfigError
@@ -135,7 +135,7 @@ def test_rotten_tomatoes_setup_gives_padded_label_scarce_batches(tmp_path):
     assert dm.vocab_sizes == {"input_ids": 8000} and dm.input_shape == (32,) and dm.num_classes == 2
     assert len(dm.train_set) == 10_201 and len(dm.labeled_indices) == 1_020
     assert dm.num_unlabelled == 10_201 - 1_020
-    assert list((tmp_path / "tokenizers").glob("wordpiece-*.json"))
+    assert list((tmp_path / "tokenizers").glob("wordpiece-*/tokenizer.json"))
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "label", "index", "view"}
     lengths = batch["attention_mask"].sum(1)
@@ -183,25 +183,42 @@ def test_wordpiece_is_trained_on_train_only_and_cached(toy_root, tmp_path, monke
 
     dm = toy_dm(toy_root, data_dir=str(toy_root))
     dm.setup()
-    path = Path(dm.encoder().source)
-    assert path.parent == toy_root / "tokenizers" and path.is_file()
-    assert TEST_ONLY not in Tokenizer.from_file(str(path)).get_vocab()  # no test leakage
-    assert dm.encoder().vocab_size <= 200
-    # the same train texts and settings reuse the file: training would fail here
+    path = Path(dm.tokenizer_source())
+    assert path.parent == toy_root / "tokenizers" and (path / "tokenizer.json").is_file()
+    vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab()
+    assert TEST_ONLY not in vocab  # no test leakage
+    assert len(dm.tokenizer_for()) <= 200
+    # the same train texts and settings reuse the folder: training would fail here
     monkeypatch.setattr(text_module, "train_wordpiece", lambda *a: pytest.fail("retrained"))
     again = toy_dm(toy_root)
     again.setup()
-    assert again.encoder().source == str(path)
-    assert torch.equal(
-        again.train_set.encodings["input_ids"][0], dm.train_set.encodings["input_ids"][0]
-    )
+    assert again.tokenizer_source() == str(path)
+    assert again.train_set[0]["input_ids"] == dm.train_set[0]["input_ids"]
     # keyed by the train texts, the vocabulary size and lowercasing
     texts = [dm.corpus.texts[i] for i in dm.train_indices.tolist()]
-    key = wordpiece_cache_path(texts, 200, True, str(toy_root))
-    assert key == path
-    assert wordpiece_cache_path(texts, 300, True, str(toy_root)) != path
-    assert wordpiece_cache_path(texts, 200, False, str(toy_root)) != path
-    assert wordpiece_cache_path(texts[1:], 200, True, str(toy_root)) != path
+    assert wordpiece_folder(texts, 200, True, str(toy_root)) == path
+    assert wordpiece_folder(texts, 300, True, str(toy_root)) != path
+    assert wordpiece_folder(texts, 200, False, str(toy_root)) != path
+    assert wordpiece_folder(texts[1:], 200, True, str(toy_root)) != path
+
+
+def test_wordpiece_folder_loads_with_autotokenizer_and_encodes_identically(toy_root):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    dm = toy_dm(toy_root)
+    dm.setup()
+    folder = Path(dm.tokenizer_source())
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+    auto = AutoTokenizer.from_pretrained(str(folder))
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert (auto.pad_token_id, auto.cls_token_id, auto.sep_token_id) == (0, 2, 3)
+    assert auto.mask_token == "[MASK]" and auto.get_vocab() == raw.get_vocab()
+    texts = [dm.corpus.texts[i] for i in range(0, 240, 7)] + ["Zyzzyva! unseen-words, é."]
+    assert auto(texts)["input_ids"] == [e.ids for e in raw.encode_batch(texts)]
+    rows = dm.train_set.indices[:20].tolist()
+    ids = auto([dm.corpus.texts[r] for r in rows], truncation=True, max_length=16)["input_ids"]
+    assert ids == [dm.train_set[i]["input_ids"] for i in range(20)]
 
 
 def test_tokenizer_json_and_hf_directory_load_offline(toy_root, tmp_path):
@@ -209,16 +226,17 @@ def test_tokenizer_json_and_hf_directory_load_offline(toy_root, tmp_path):
 
     dm = toy_dm(toy_root)
     dm.setup()
-    ids = dm.train_set.encodings["input_ids"]
-    from_json = toy_dm(toy_root, tokenizer=dm.encoder().source)
-    assert from_json.vocab_sizes["input_ids"] == dm.encoder().vocab_size
+    ids = dm.train_set[0]["input_ids"]
+    json_file = str(Path(dm.tokenizer_source()) / "tokenizer.json")
+    from_json = toy_dm(toy_root, tokenizer=json_file)
+    assert from_json.vocab_sizes["input_ids"] == len(dm.tokenizer_for())
     from_json.setup()
-    assert torch.equal(from_json.train_set.encodings["input_ids"][0], ids[0])
+    assert from_json.train_set[0]["input_ids"] == ids
     # a transformers tokenizer directory (what save_pretrained writes), via AutoTokenizer
     from tokenizers import Tokenizer
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_file(dm.encoder().source),
+        tokenizer_object=Tokenizer.from_file(json_file),
         pad_token="[PAD]",
         unk_token="[UNK]",
         cls_token="[CLS]",
@@ -229,7 +247,7 @@ def test_tokenizer_json_and_hf_directory_load_offline(toy_root, tmp_path):
     hf = toy_dm(toy_root, tokenizer=str(tmp_path / "tok"))
     hf.setup()
     assert hf.vocab_sizes == {"input_ids": len(fast)}
-    assert torch.equal(hf.train_set.encodings["input_ids"][0], ids[0])
+    assert hf.train_set[0]["input_ids"] == ids
 
 
 def test_a_checkpoint_of_another_vocabulary_is_refused(toy_root):
@@ -259,25 +277,16 @@ def test_student_tokenizer_adds_its_own_encoding(toy_root):
     )
 
 
-def test_dynamic_padding_and_truncation():
+def test_dynamic_padding_and_truncation(toy_root):
+    dm = toy_dm(toy_root)
     items = [
-        {
-            "input_ids": torch.tensor([2, 7, 3]),
-            "label": torch.tensor(1),
-            "index": torch.tensor(0),
-            "view": torch.tensor(0),
-        },
-        {
-            "input_ids": torch.tensor([2, 7, 8, 9, 3]),
-            "label": torch.tensor(0),
-            "index": torch.tensor(5),
-            "view": torch.tensor(0),
-        },
+        {"input_ids": [2, 7, 3], "label": 1, "index": 0, "view": 0},
+        {"input_ids": [2, 7, 8, 9, 3], "label": 0, "index": 5, "view": 0},
     ]
-    batch = PadCollate({"input_ids": 0})(items)
+    batch = TextCollator({"input_ids": dm.tokenizer_for()})(items)
     assert batch["input_ids"].tolist() == [[2, 7, 3, 0, 0], [2, 7, 8, 9, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert batch["index"].tolist() == [0, 5]
+    assert batch["index"].tolist() == [0, 5] and batch["label"].dtype == torch.long
 
 
 def test_max_length_truncates_keeping_cls_and_sep(toy_root):

