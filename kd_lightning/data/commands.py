@@ -44,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --val_dir none: share of train held out (default: the DataModule's)")
     opt.add_argument("--output_dir", required=True, help="local directory or object-store URL")
     opt.add_argument("--num_workers", type=int, default=os.cpu_count() or 1)
-    opt.add_argument("--chunk_bytes", default="64MB")
+    opt.add_argument("--chunk_bytes", default="64MB",
+                     help="target chunk size; sets --chunk_size from the mean source size")
+    opt.add_argument("--chunk_size", type=int, default=None,
+                     help="items per chunk (default: from --chunk_bytes); the layout is the "
+                          "same for every --num_workers")
     opt.add_argument("--start_method", choices=("fork", "spawn"), default="fork")
     opt.add_argument("--overwrite", action="store_true", help="replace an earlier dataset there")
 
@@ -198,6 +202,8 @@ def optimize(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--data_dir", args.data_dir, "give either -c <config with data:> or --data_dir")
     if args.num_workers < 1:
         raise ConfigError("--num_workers", args.num_workers, "use 1 or more worker processes")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise ConfigError("--chunk_size", args.chunk_size, "use 1 or more items per chunk")
     if args.data_dir is not None:
         val_dir = None if args.val_dir.lower() == "none" else args.val_dir
         if args.val_fraction is not None and val_dir is not None:
@@ -212,12 +218,16 @@ def optimize(args: argparse.Namespace) -> dict[str, Any]:
     if not is_remote(args.output_dir):
         _refuse_overwrite(Path(args.output_dir), None, "--output_dir", "dataset", args.overwrite)
     start = time.perf_counter()
-    meta = optimize_datamodule(dm, args.output_dir, args.num_workers, args.chunk_bytes, args.start_method)
+    meta = optimize_datamodule(dm, args.output_dir, args.num_workers, args.chunk_bytes,
+                               args.start_method, args.chunk_size)
     skipped = sum(meta["skipped"].values())
     print(
         f"kd-lightning data optimize: wrote {meta['splits']} samples ({meta['num_classes']} classes) to "
         f"{args.output_dir} in {time.perf_counter() - start:.1f} s; skipped {skipped} unreadable images"
     )
+    if skipped and args.num_workers > 1:  # a skip shortens its chunk: see optimize_datamodule
+        print("kd-lightning data optimize: with skipped images the chunk layout depends on "
+              "--num_workers; remove the unreadable files for a layout every worker count repeats")
     return meta
 
 

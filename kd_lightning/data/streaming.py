@@ -27,6 +27,7 @@ views (``augment_views`` > 0, or ``augment: false``), not with fresh-random crop
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -102,15 +103,46 @@ def split_inputs(datamodule: Any, split: str) -> list[tuple[int, int, Any]] | No
     )
 
 
+def items_per_chunk(inputs: Sequence[tuple[int, int, Any]], chunk_bytes: int | str) -> int:
+    """``chunk_bytes`` as a number of items, from the sources' mean size: the file size of
+    an image file, the raw array size of an in-memory row (an upper bound of its PNG).
+
+    The mean is taken over at most 1000 evenly spaced inputs, so the count depends on the
+    inputs only, never on the worker count.
+    """
+    from litdata.utilities.format import _convert_bytes_to_int
+
+    try:
+        text = str(chunk_bytes).strip()
+        limit = int(text) if text.isdigit() else _convert_bytes_to_int(text)
+    except ValueError:
+        raise ConfigError("--chunk_bytes", chunk_bytes, "use a size such as 64MB, 512KB or 1000000") from None
+    picked = inputs[:: max(1, len(inputs) // 1000)]
+    sizes = [os.path.getsize(s) if isinstance(s, str) else np.asarray(s).nbytes for _, _, s in picked]
+    return max(1, int(limit // max(1.0, float(np.mean(sizes)))))
+
+
 def optimize_datamodule(
     datamodule: Any,
     output_dir: str,
     num_workers: int = 1,
-    chunk_bytes: str = "64MB",
+    chunk_bytes: int | str = "64MB",
     start_method: Literal["fork", "spawn"] | None = "fork",
+    chunk_size: int | None = None,
 ) -> dict[str, Any]:
     """Convert every split of ``datamodule`` with ``litdata.optimize``; returns (and
-    writes to ``<output_dir>/kd_lightning.json``) the dataset's description."""
+    writes to ``<output_dir>/kd_lightning.json``) the dataset's description.
+
+    The layout does not depend on ``num_workers`` (issue 21, finding 12): LitData's default
+    hands the inputs out from a shared queue and cuts chunks by bytes, so the chunks, and
+    with them a seeded shuffle, changed with the worker count and from run to run. Here
+    chunks hold ``chunk_size`` items (None: ``chunk_bytes`` over the mean source size), and
+    each worker encodes whole chunks of the inputs in order (LitData's ``align_chunking``,
+    ``keep_data_ordered``; no reordering by file size), so the chunks and their order in
+    ``index.json`` equal a one-worker run's; only the file names carry the worker's rank.
+    An unreadable image that is skipped shortens its chunk, so the layout after a skip
+    depends on the worker count again (the command says so).
+    """
     import litdata
 
     datamodule.setup("fit")
@@ -118,20 +150,25 @@ def optimize_datamodule(
         "num_classes": int(datamodule.num_classes),
         "classes": list(getattr(datamodule, "classes", [])),
         "source": type(datamodule).__name__,
-        "splits": {}, "skipped": {}, "index_space": {},
+        "splits": {}, "skipped": {}, "index_space": {}, "chunk_size": {},
     }
     for split in SPLITS:
         inputs = split_inputs(datamodule, split)
         if not inputs:
             continue
         target = f"{output_dir.rstrip('/')}/{split}"
+        size = chunk_size or items_per_chunk(inputs, chunk_bytes)
+        # every worker gets at least one whole chunk (LitData warns of idle workers otherwise)
+        workers = max(1, min(num_workers, len(inputs) // size))
         litdata.optimize(
-            fn=EncodeSample(), inputs=inputs, output_dir=target, chunk_bytes=chunk_bytes,
-            num_workers=max(1, num_workers), mode="overwrite", start_method=start_method,
+            fn=EncodeSample(), inputs=inputs, output_dir=target, chunk_size=size,
+            align_chunking=True, keep_data_ordered=True, reorder_files=False,
+            num_workers=workers, mode="overwrite", start_method=start_method,
         )  # litdata's own progress (verbose): a big dataset takes many minutes
         written = len(litdata.StreamingDataset(target)) if not is_remote(target) else len(inputs)
         meta["splits"][split] = written
         meta["skipped"][split] = len(inputs) - written
+        meta["chunk_size"][split] = size
         # the size of the array ``index`` points into (teacher stores, CRD banks)
         meta["index_space"][split] = max(i for i, _, _ in inputs) + 1
     if not is_remote(output_dir):
