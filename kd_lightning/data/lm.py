@@ -20,6 +20,7 @@ from __future__ import annotations
 import bz2
 import collections
 import csv
+import functools
 import hashlib
 import json
 import random
@@ -281,7 +282,8 @@ class MovieReviewsLMDataModule(PromptCompletionDataModule):
         super().__init__(**kwargs)
 
     @staticmethod
-    def read_films() -> list[tuple[str, str, list[str]]]:
+    @functools.cache  # decompressing the corpus takes seconds; an experiment reads it per run
+    def read_films() -> tuple[tuple[str, str, tuple[str, ...]], ...]:
         """(film, plot, reviews) of every film with a plot and reviews, in file order."""
         plots: dict[str, str] = {}
         reviews: dict[str, list[str]] = collections.defaultdict(list)
@@ -294,10 +296,10 @@ class MovieReviewsLMDataModule(PromptCompletionDataModule):
                     plots.setdefault(row["movie_name"], text)
                 elif text not in reviews[row["movie_name"]]:
                     reviews[row["movie_name"]].append(text)
-        return [(m, plots[m], reviews[m]) for m in plots if reviews.get(m)]
+        return tuple((m, plots[m], tuple(reviews[m])) for m in plots if reviews.get(m))
 
-    def _split_films(self) -> dict[str, list[tuple[str, str, list[str]]]]:
-        films = self.read_films()
+    def _split_films(self) -> dict[str, list[tuple[str, str, tuple[str, ...]]]]:
+        films = list(self.read_films())
         random.Random(self.seed).shuffle(films)
         v, t = self.val_films, self.test_films
         return {"val": films[:v], "test": films[v : v + t], "train": films[v + t :]}

@@ -130,6 +130,38 @@ class _CausalLMCore:
         for metric in sums.values():
             metric.reset()
 
+    # -- the eval steps (one copy for both modules) ----------------------------------------------
+    def trained_model(self) -> nn.Module:
+        """The network this module trains (``model``, or the distiller's ``student``)."""
+        raise NotImplementedError
+
+    def eval_teacher_output(self, batch: dict[str, Tensor]) -> TokenOutput | None:
+        """The teacher's outputs on an eval batch (None: no teacher, student metrics only)."""
+        return None
+
+    def _eval(self, batch: dict[str, Tensor], sums: nn.ModuleDict) -> None:
+        student = self.lm_output(self.trained_model(), batch, hidden=False)
+        self.update_eval(sums, student, self.eval_teacher_output(batch))
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, self.val_sums)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, self.test_sums)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_eval_sums("val", self.val_sums, with_teacher=self.teacher_model() is not None)
+
+    def on_test_epoch_end(self) -> None:
+        teacher = self.teacher_model()
+        self.log_eval_sums("test", self.test_sums, with_teacher=teacher is not None)
+        self.rouge_l(self.trained_model(), "test")
+        if teacher is not None:
+            self.rouge_l(teacher, "test")
+
+    def teacher_model(self) -> nn.Module | None:
+        return None
+
     # -- generation (ROUGE-L) ------------------------------------------------------------------
     generate_samples: int = 0
     max_new_tokens: int = 48
@@ -169,7 +201,7 @@ class _CausalLMCore:
                 scores.append(scorer.score(reference, text)["rougeL"].fmeasure)
         nn.Module.train(model, was_training)
         if scores:
-            key = "teacher_rougeL" if model is not getattr(self, "student", model) else "rougeL"
+            key = "rougeL" if model is self.trained_model() else "teacher_rougeL"
             self.log(f"{stage}/{key}", sum(scores) / len(scores), sync_dist=True)
 
 
@@ -226,21 +258,8 @@ class CausalLMModule(_CausalLMCore, BaseModule):
         self.log_train_step(total.detach() / n, batch["input_ids"].shape[0], batch_idx)
         return total
 
-    def _eval(self, batch: dict[str, Tensor], sums: nn.ModuleDict) -> None:
-        self.update_eval(sums, self.lm_output(self.model, batch, hidden=False), None)
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval(batch, self.val_sums)
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval(batch, self.test_sums)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_eval_sums("val", self.val_sums, with_teacher=False)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_eval_sums("test", self.test_sums, with_teacher=False)
-        self.rouge_l(self.model, "test")
+    def trained_model(self) -> nn.Module:
+        return self.model
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -427,24 +446,14 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         )
         return total
 
-    def _eval(self, batch: dict[str, Tensor], sums: nn.ModuleDict) -> None:
-        self.update_eval(
-            sums, self.lm_output(self.student, batch, hidden=False), self.teacher_output(batch)
-        )
+    def trained_model(self) -> nn.Module:
+        return self.student
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval(batch, self.val_sums)
+    def teacher_model(self) -> nn.Module:
+        return self.teacher
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval(batch, self.test_sums)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_eval_sums("val", self.val_sums, with_teacher=True)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_eval_sums("test", self.test_sums, with_teacher=True)
-        self.rouge_l(self.student, "test")
-        self.rouge_l(self.teacher, "test")
+    def eval_teacher_output(self, batch: dict[str, Tensor]) -> TokenOutput:
+        return self.teacher_output(batch)
 
 
 __all__ = ["CausalLMModule", "LMDistillationModule", "build_lm_teacher"]
