@@ -441,7 +441,13 @@ def _test_metrics(out: dict[str, float], which: str) -> dict[str, float | None]:
     if which == "best":
         record["kl_teacher_student_best"] = pick("kl_teacher_student")
         record["teacher_test_acc"] = pick("teacher_acc")
+        # causal-LM runs (kd_lightning.modules.lm_distillation): held-out NLL, KL, ROUGE-L
+        record.update({f"test_{m}_best": pick(m) for m in LM_METRICS if pick(m) is not None})
     return record
+
+
+#: what the causal-LM modules log at test (``test/<name>``), recorded as ``test_<name>_best``
+LM_METRICS = ("nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL")
 
 
 @torch.inference_mode()
@@ -453,6 +459,8 @@ def _predict(model: torch.nn.Module, dm: Any) -> tuple[torch.Tensor, torch.Tenso
     # the trained network reads the batch as every module does (kd_lightning.modules.inputs)
     net, role = (model.student, "student") if hasattr(model, "student") else (model.model, "model")
     for batch in dm.test_dataloader():
+        if "label" not in batch:  # a causal LM's batch: no class predictions to save
+            return torch.empty(0), torch.empty(0)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         probs.append(model(*model_inputs(net, batch, role)).float().softmax(dim=1).cpu())
         labels.append(batch["label"].cpu())
@@ -462,6 +470,8 @@ def _predict(model: torch.nn.Module, dm: Any) -> tuple[torch.Tensor, torch.Tenso
 def _agreement(run_dir: Path, teacher_dir: Path) -> dict[str, float | None]:
     student = torch.load(run_dir / "test_predictions.pt", weights_only=True)
     teacher = torch.load(teacher_dir / "test_predictions.pt", weights_only=True)
+    if not student["labels"].numel():  # causal LMs: KL to the teacher is recorded instead
+        return {}
     if not torch.equal(student["labels"], teacher["labels"]):
         raise ConfigError(
             "base", "data", "the teacher and this student were tested on different test sets: "
