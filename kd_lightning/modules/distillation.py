@@ -132,13 +132,19 @@ class DistillationModule(FrozenTeacherModule):
             heads if heads is not None else [CrossEntropy(0.1), KLDivergence(0.9, temperature=4.0)]
         )
         self._check_heads()
+        teacher_taps = [
+            [n for h in self.heads if h.teacher_index == i for n in h.teacher_layers]
+            for i in range(len(self._teachers))
+        ]
+        self.teacher_precision = performance.teacher_precision
+        if performance.fold_teacher_bn:  # before the taps' hooks, which must see the folds
+            probe = dummy_batch(self.input_shape, self.vocab_sizes)
+            self.fold_teachers(teacher_taps, [model_inputs(t, probe, "teacher") for t in self._teachers])
         self._student_taps = FeatureTaps(
             self.student, [n for h in self.heads for n in h.student_layers], "student_layers"
         )
         self._teacher_taps = [
-            FeatureTaps(t, [n for h in self.heads if h.teacher_index == i for n in h.teacher_layers],
-                        "teacher_layers")
-            for i, t in enumerate(self._teachers)
+            FeatureTaps(t, layers, "teacher_layers") for t, layers in zip(self._teachers, teacher_taps)
         ]
         self._build_heads()
         # read by torch's DistributedDataParallel (and Lightning's DDP strategy): buffers it
@@ -238,11 +244,14 @@ class DistillationModule(FrozenTeacherModule):
         return TeacherOutput(members, self.teacher_weights)
 
     def _run_teachers(self, batch: dict[str, Tensor]) -> list[ModelOutput]:
-        # cloned out of inference mode so heads may save them for backward
-        with torch.inference_mode():
+        # at teacher_precision; copied out of inference mode (so heads may save them for
+        # backward), in fp32 when the teacher ran at a half type of its own
+        with torch.inference_mode(), self.teacher_autocast():
             members = [taps(*model_inputs(taps.model, batch, "teacher")) for taps in self._teacher_taps]
+        own = self.teacher_precision != "fp32"
+        copy = (lambda t: t.float() if t.dtype != torch.float32 else t.clone()) if own else Tensor.clone
         return [
-            ModelOutput(m.logits.clone(), {k: v.clone() for k, v in m.features.items()})
+            ModelOutput(copy(m.logits), {k: copy(v) for k, v in m.features.items()})
             for m in members
         ]
 

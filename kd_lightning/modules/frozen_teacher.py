@@ -10,18 +10,25 @@ whenever the module is built — on fit, on resume from ``ckpt_path`` and in
 teacher's fingerprint so that a changed teacher is refused on resume.
 
 ``DistillationModule`` (classifiers) and ``LMDistillationModule`` (causal LMs) both
-derive from ``FrozenTeacherModule``.
+derive from ``FrozenTeacherModule``. Two speed switches act here, after the fingerprint is
+taken (so checkpoints and resume do not see them): ``fold_teachers`` folds BatchNorm into
+the layer before it, and ``teacher_autocast`` runs the teachers at ``teacher_precision``.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.models.fold import FoldReport, fold_batchnorm
 from kd_lightning.modules.base import BaseModule
+from kd_lightning.modules.performance import teacher_dtype
 from kd_lightning.modules.teacher import fingerprint
 
 
@@ -32,11 +39,34 @@ class FrozenTeacherModule(BaseModule):
     Subclasses set ``allow_teacher_change`` and call ``set_teachers`` in ``__init__``."""
 
     allow_teacher_change: bool = False
+    #: ``Performance.teacher_precision`` (subclasses with a ``Performance`` set it from there)
+    teacher_precision: str = "fp32"
 
     def set_teachers(self, teachers: list[nn.Module], weights: list[float]) -> None:
         self._teachers: list[nn.Module] = list(teachers)
         self.teacher_weights = [float(w) for w in weights]
+        # of the weights as loaded, before any fold: what checkpoints and resume compare
         self.teacher_fingerprints = [fingerprint(t) for t in self._teachers]
+        self.fold_reports: list[FoldReport] = [FoldReport() for _ in self._teachers]
+
+    def fold_teachers(
+        self, taps: Sequence[Sequence[str]], example_inputs: Sequence[Sequence[Tensor]]
+    ) -> None:
+        """Fold each teacher's BatchNorms in place (``kd_lightning.models.fold``), keeping
+        the values its feature taps (``taps[i]``) read; checked on ``example_inputs[i]``.
+        Call before the taps' hooks are registered."""
+        self.fold_reports = [
+            fold_batchnorm(t, inputs, keep)
+            for t, keep, inputs in zip(self._teachers, taps, example_inputs)
+        ]
+
+    def teacher_autocast(self) -> AbstractContextManager:
+        """The autocast the teachers run under: ``teacher_precision`` on this device (none
+        for fp32, so a mixed-precision trainer's autocast still applies)."""
+        dtype = teacher_dtype(self.teacher_precision, self.device)
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @property
     def teachers(self) -> list[nn.Module]:
