@@ -3,6 +3,7 @@
 from kd_lightning.data.base import KDDataModule
 from kd_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from kd_lightning.data.imagefolder import ImageFolderDataModule as ImageFolderDataModule
+from kd_lightning.data.lm import MovieReviewsLMDataModule, PromptCompletionDataModule
 from kd_lightning.data.mnist import BundledMNISTDataModule, FashionMNISTDataModule, MNISTDataModule
 from kd_lightning.data.streaming import StreamingImageDataModule as StreamingImageDataModule
 from kd_lightning.data.text import HFTextDataModule, RottenTomatoesDataModule, TextDataModule
@@ -25,6 +26,8 @@ __all__ = [
     "HFTextDataModule",
     "KDDataModule",
     "MNISTDataModule",
+    "MovieReviewsLMDataModule",
+    "PromptCompletionDataModule",
     "RottenTomatoesDataModule",
     "TextAugmentTransfer",
     "TextDataModule",
