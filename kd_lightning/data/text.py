@@ -729,30 +729,74 @@ def _read_reviews(path: str, classes: tuple[str, ...]) -> tuple[tuple[str, ...],
     return tuple(texts), tuple(labels)
 
 
+#: builder of a local data file, by extension (``datasets.load_dataset(<builder>, data_files=...)``)
+BUILDERS: dict[str, str] = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+#: compression suffixes ``datasets`` reads through
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zip")
+#: JSON files of a dataset folder that hold no rows
+METADATA_FILES = frozenset({"dataset_info.json", "dataset_infos.json", "state.json"})
+#: the split names that, when the data lacks them, are held out of train
+DEFAULT_SPLITS = {"val": "validation", "test": "test"}
+
+
+def builder_of(path: str) -> str | None:
+    """The ``datasets`` builder of a data file from its extension (``reviews.jsonl.gz`` →
+    ``json``); None if unknown."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _looks_like_path(name: str) -> bool:
+    """A ``dataset`` value meant as a local file or folder, not a hub name."""
+    return name.startswith(("/", "./", "../", "~")) or builder_of(name) is not None
+
+
 class HFTextDataModule(TextDataModule):
-    """Any Hugging Face ``datasets`` text-classification dataset (``rotten_tomatoes``,
+    """Any Hugging Face ``datasets`` text-classification data: local CSV, JSON/JSONL and
+    parquet files, ``save_to_disk`` folders, or a hub dataset (``rotten_tomatoes``,
     ``glue``/``sst2``, ``imdb``, ``ag_news``, …).
 
-    On-disk layout (what ``download: false`` reads): ``data_dir/<dataset>[/<subset>]``, e.g.
-    ``data/glue/sst2``, holding either a ``DatasetDict.save_to_disk`` copy
-    (``dataset_dict.json`` plus one folder per split) or the hub repository's parquet files
-    (``[data/]<split>[-*].parquet`` or ``<split>/*.parquet``, as ``huggingface-cli download
-    --repo-type dataset`` leaves them). ``download: true`` calls
-    ``datasets.load_dataset(dataset, subset, cache_dir=data_dir)`` once, when the hub is
-    reachable, and saves the result in that layout, so later runs work offline.
+    Where the data comes from, in order:
+
+    * ``data_files``: local files, one path (the train split), a list, or ``{split: path(s)}``,
+      read with ``datasets.load_dataset(builder, data_files=...)``; ``builder`` (``csv``,
+      ``json``, ``parquet``) is inferred from the extension (``.csv``, ``.json``/``.jsonl``,
+      ``.parquet``, optionally compressed) or set. The converted Arrow cache goes under
+      ``data_dir/datasets/``.
+    * ``dataset`` naming a local folder or file: a ``Dataset.save_to_disk`` folder (one split,
+      the train split), a ``DatasetDict.save_to_disk`` folder, or a data file as above.
+    * ``dataset`` naming a hub dataset, read from ``data_dir/<dataset>[/<subset>]`` (e.g.
+      ``data/glue/sst2``): a ``DatasetDict.save_to_disk`` copy or the hub repository's files
+      (``[data/]<split>[-*].<parquet|csv|jsonl>`` or ``<split>/*.<ext>``, as
+      ``huggingface-cli download --repo-type dataset`` leaves them). ``download: true`` calls
+      ``datasets.load_dataset(dataset, subset, cache_dir=data_dir)`` once, when the hub is
+      reachable (offline: one line, no wait), and saves it in that layout for offline runs.
+
+    Splits: ``train_split``/``val_split``/``test_split`` name splits of the data. When the
+    data has no split of the default names ``validation``/``test`` (e.g. one CSV file: only
+    ``train``), they are held out of train, stratified and seeded: ``val_fraction`` and
+    ``test_fraction`` of it (0 = none), as ``RottenTomatoesDataModule`` does. A split named
+    otherwise that the data lacks is an error. ``val_split: null`` carves ``val_fraction`` of
+    train too; ``test_split: null`` = no test.
 
     GLUE hides its test labels (-1), so ``configs/data/sst2.yaml`` tests on ``validation``
     and holds out ``val_fraction`` of train for validation (``val_split: null``).
 
     Args:
-        dataset: the hub name, e.g. ``rotten_tomatoes`` or ``glue``.
+        dataset: a hub name (``rotten_tomatoes``, ``glue``) or a local folder or file.
         subset: the configuration, e.g. ``sst2`` for ``glue``.
+        data_files: local data files (see above); ``dataset`` is then not needed.
+        builder: the ``datasets`` builder of ``data_files`` (default: from the extension).
         text_column: the column with the text.
         label_column: the column with integer class labels.
         train_split: the split to train on.
         val_split: the validation split; null = carve ``val_fraction`` from train.
         test_split: the test split; null = no test.
-        download: fetch the dataset from the hub if it is not on disk.
+        test_fraction: share held out of train as the test split when the data has no
+            ``test`` split, in [0, 1).
+        download: fetch the hub dataset if it is not on disk.
         num_classes: the number of classes; default: from the label column's ``ClassLabel``
             feature, else the largest train label + 1.
         **kwargs: the ``TextDataModule`` arguments.
@@ -760,29 +804,48 @@ class HFTextDataModule(TextDataModule):
 
     def __init__(
         self,
-        dataset: str,
+        dataset: str | None = None,
         subset: str | None = None,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        builder: str | None = None,
         text_column: str = "text",
         label_column: str = "label",
         train_split: str = "train",
         val_split: str | None = "validation",
         test_split: str | None = "test",
+        test_fraction: float = 0.1,
         download: bool = False,
         num_classes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not dataset or not isinstance(dataset, str):
+        if data_files is None and (not dataset or not isinstance(dataset, str)):
             raise ConfigError(
-                "data.dataset", dataset, "name a Hugging Face dataset, e.g. rotten_tomatoes"
+                "data.dataset",
+                dataset,
+                "name a Hugging Face dataset (e.g. rotten_tomatoes) or a saved folder, or give "
+                "data.data_files (CSV, JSON/JSONL or parquet)",
+            )
+        if builder is not None and builder not in set(BUILDERS.values()):
+            raise ConfigError(
+                "data.builder", builder, f"use one of {sorted(set(BUILDERS.values()))} or null"
             )
         if num_classes is not None and num_classes < 2:
             raise ConfigError(
                 "data.num_classes", num_classes, "use at least 2 classes, or null to read them"
             )
+        if not 0.0 <= test_fraction < 1.0 or self.val_fraction + test_fraction >= 1.0:
+            raise ConfigError(
+                "data.test_fraction",
+                test_fraction,
+                "use a fraction in [0, 1) with val_fraction + test_fraction < 1 "
+                f"(val_fraction={self.val_fraction})",
+            )
         self.dataset, self.subset = dataset, subset
+        self.data_files, self.builder = data_files, builder
         self.text_column, self.label_column = text_column, label_column
         self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self.test_fraction = test_fraction
         self.download = download
         self._num_classes = num_classes
         self._dataset_dict: Any = None  # the DatasetDict, read once
@@ -802,6 +865,10 @@ class HFTextDataModule(TextDataModule):
     @property
     def local_dir(self) -> Path:
         """Where the dataset lives on disk (see the class docstring)."""
+        assert self.dataset is not None
+        given = Path(self.dataset).expanduser()
+        if given.exists() or _looks_like_path(self.dataset):
+            return given
         return Path(self.data_dir, self.dataset, *([self.subset] if self.subset else []))
 
     def prepare_data(self) -> None:
@@ -809,21 +876,54 @@ class HFTextDataModule(TextDataModule):
             self._splits()
 
     def _splits(self) -> Any:
-        """The ``DatasetDict`` of the splits: from disk, else downloaded and saved."""
+        """The ``DatasetDict`` of the splits: from files, from disk, else downloaded."""
         if self._dataset_dict is None:
-            local = self.local_dir
-            data = read_local_dataset(local)
-            if data is None:
-                if not self.download:
-                    raise ConfigError(
-                        "data.data_dir",
-                        str(self.data_dir),
-                        f"no saved dataset at {local} (a DatasetDict.save_to_disk copy or the hub's "
-                        "parquet files); set data.download: true once with network",
-                    )
-                data = self._download(local)
+            if self.data_files is not None:
+                data = self._load_files("data.data_files", self.data_files)
+            elif self.local_dir.is_file():  # dataset: reviews.csv
+                data = self._load_files("data.dataset", self.dataset)
+            else:
+                data = self._load_dir()
             self._dataset_dict = data
         return self._dataset_dict
+
+    def _load_dir(self) -> Any:
+        local = self.local_dir
+        named_path = local == Path(self.dataset or "").expanduser()
+        field = "data.dataset" if named_path else "data.data_dir"
+        data = read_local_dataset(local, field, self.train_split, str(self.data_dir))
+        if data is not None:
+            return data
+        if named_path:  # a local folder: nothing to download, and no network to blame
+            raise ConfigError(
+                "data.dataset",
+                self.dataset,
+                "no such dataset folder or file; give a Dataset/DatasetDict.save_to_disk folder, "
+                "a CSV/JSON/JSONL/parquet file, or a Hugging Face dataset name",
+            )
+        if not self.download:
+            raise ConfigError(
+                "data.data_dir",
+                str(self.data_dir),
+                f"no saved dataset at {local} (a save_to_disk copy or the hub's data files); "
+                "set data.download: true once with network, or give data.data_files",
+            )
+        return self._download(local)
+
+    def _load_files(self, field: str, value: Any) -> Any:
+        """``datasets.load_dataset(builder, data_files=value)``: the files are checked first,
+        so a missing or unreadable file is named (and the network never mentioned)."""
+        files = normalise_data_files(value, field, self.train_split)
+        paths = [p for ps in files.values() for p in ps]
+        builders = {self.builder or builder_of(p) for p in paths}
+        if None in builders or len(builders) != 1:
+            raise ConfigError(
+                field.replace("data_files", "builder") if self.builder else field,
+                value,
+                f"cannot tell the format from the extensions (known: {sorted(BUILDERS)}, "
+                "optionally compressed, all alike); set data.builder: csv, json or parquet",
+            )
+        return load_data_files(builders.pop(), files, field, value, str(self.data_dir))
 
     def _download(self, local: Path) -> Any:
         import datasets
@@ -856,7 +956,14 @@ class HFTextDataModule(TextDataModule):
         n = getattr(feature, "num_classes", None)
         if n is not None:
             return int(n)
-        return int(max(split[self.label_column])) + 1
+        try:
+            return int(max(split[self.label_column])) + 1
+        except (TypeError, ValueError):
+            raise ConfigError(
+                "data.label_column",
+                self.label_column,
+                f"the {self.train_split!r} split's labels are not integer class ids",
+            ) from None
 
     def _columns(self, split: Any, name: str) -> tuple[list[str], Tensor]:
         columns = list(split.column_names)
@@ -881,13 +988,25 @@ class HFTextDataModule(TextDataModule):
             ) from None
         return texts, labels
 
+    def held_out_roles(self) -> list[str]:
+        """The roles (``val``, ``test``) held out of train: their default split names are
+        absent from the data."""
+        data = self._splits()
+        named = {"val": self.val_split, "test": self.test_split}
+        return [
+            role
+            for role, name in named.items()
+            if name is not None and name == DEFAULT_SPLITS[role] and name not in data
+        ]
+
     def load_corpus(self) -> Corpus:
+        held_out = self.held_out_roles()
         named = {"train": self.train_split, "val": self.val_split, "test": self.test_split}
         texts: list[str] = []
         labels: list[Tensor] = []
         splits: dict[str, Tensor | None] = {}
         for role, name in named.items():
-            if name is None:
+            if name is None or role in held_out:
                 splits[role] = None
                 continue
             split = self._split(role, name)
@@ -911,38 +1030,116 @@ class HFTextDataModule(TextDataModule):
             splits[role] = torch.arange(len(texts), len(texts) + len(t))
             texts += t
             labels.append(y)
-        return Corpus(texts, torch.cat(labels), splits)
+        y = torch.cat(labels)
+        self._hold_out(splits, y, held_out)
+        return Corpus(texts, y, splits)
+
+    def _hold_out(self, splits: dict[str, Tensor | None], y: Tensor, roles: list[str]) -> None:
+        """Carve the held-out roles out of train, as fractions of the whole train split (a
+        val alone is left to ``val_fraction`` in ``TextDataModule.corpus``)."""
+        fractions = {"val": self.val_fraction, "test": self.test_fraction}
+        roles = [r for r in roles if fractions[r] > 0 and (r == "test" or "test" in roles)]
+        if not roles:
+            return
+        train = splits["train"]
+        assert train is not None
+        parts = stratified_split(y[train], [fractions[r] for r in roles], self.seed)
+        splits["train"] = train[parts[0]]
+        for role, part in zip(roles, parts[1:]):
+            splits[role] = train[part]
+        log.info(
+            "%s held out of the %r split: %s",
+            "/".join(roles),
+            self.train_split,
+            {r: len(splits[r]) for r in roles},
+        )
 
 
-def read_local_dataset(path: Path) -> Any:
-    """A ``DatasetDict`` from ``path``: a ``save_to_disk`` copy, or the hub's parquet files;
-    None when neither is there."""
+def normalise_data_files(value: Any, field: str, train_split: str) -> dict[str, list[str]]:
+    """``data_files`` as ``{split: [path, …]}`` (one path or a list: the train split), every
+    path checked to exist (globs must match)."""
+    import glob
+
+    if isinstance(value, (str, os.PathLike)):
+        value = {train_split: [value]}
+    elif isinstance(value, (list, tuple)):
+        value = {train_split: list(value)}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(field, value, "give a path, a list of paths or {split: path(s)}")
+    files: dict[str, list[str]] = {}
+    for split, paths in value.items():
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        for path in paths:
+            path = str(Path(path).expanduser())
+            found = glob.glob(path) if glob.has_magic(path) else [path] * Path(path).is_file()
+            if not found:
+                raise ConfigError(field, str(path), "no such file (or the pattern matches none)")
+            files.setdefault(str(split), []).extend(found)
+    return files
+
+
+def load_data_files(
+    builder: str, files: dict[str, list[str]], field: str, value: Any, data_dir: str
+) -> Any:
+    """``datasets.load_dataset(builder, data_files=files)``; a file it cannot parse is one
+    ``ConfigError`` line naming ``field``."""
     import datasets
 
     try:
-        return _read_local_dataset(path, datasets)
-    except Exception as err:  # truncated dataset_dict.json, garbage parquet, …: datasets/pyarrow
+        return datasets.load_dataset(
+            builder, data_files=files, cache_dir=str(Path(data_dir) / "datasets")
+        )
+    except Exception as err:  # pyarrow/pandas parse errors, wrapped by datasets
         first = next(iter(str(err).splitlines()), "")
         raise ConfigError(
-            "data.data_dir",
+            field,
+            value,
+            f"cannot be read as {builder} ({type(err).__name__}: {first}); fix the file or "
+            "set data.builder",
+        ) from None
+
+
+def read_local_dataset(
+    path: Path, field: str = "data.data_dir", train_split: str = "train", data_dir: str = "data"
+) -> Any:
+    """A ``DatasetDict`` from ``path``: a ``DatasetDict`` or ``Dataset`` (``train_split``)
+    ``save_to_disk`` copy, or the hub's data files; None when none is there."""
+    import datasets
+
+    try:
+        if (path / "dataset_dict.json").is_file():
+            return datasets.load_from_disk(str(path))
+        if (path / "state.json").is_file():  # one Dataset: the train split
+            return datasets.DatasetDict({train_split: datasets.load_from_disk(str(path))})
+    except Exception as err:  # truncated json, garbage arrow, …: datasets/pyarrow
+        first = next(iter(str(err).splitlines()), "")
+        raise ConfigError(
+            field,
             str(path),
             f"the saved dataset there cannot be read ({type(err).__name__}: {first}); "
             "delete it and save or download it again",
         ) from None
+    files = hub_layout_files(path) if path.is_dir() else {}
+    if not files:
+        return None
+    builders = {builder_of(p) for ps in files.values() for p in ps}
+    if len(builders) != 1:
+        raise ConfigError(
+            field, str(path), f"it mixes data formats ({sorted(map(str, builders))}); keep one"
+        )
+    return load_data_files(builders.pop(), files, field, str(path), data_dir)
 
 
-def _read_local_dataset(path: Path, datasets: Any) -> Any:
-    if (path / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(path))
+def hub_layout_files(path: Path) -> dict[str, list[str]]:
+    """Split → files of a hub repository copy: ``train-00000-of-00001.parquet``,
+    ``train.csv``, ``data/train-….jsonl`` (the name says) or ``train/0000.parquet`` (the
+    folder does)."""
     files: dict[str, list[str]] = {}
-    for file in sorted(path.glob("*.parquet")) + sorted(path.glob("*/*.parquet")):
-        # train-00000-of-00001.parquet, train.parquet, data/train-….parquet: the name says;
-        # train/0000.parquet: the folder does
+    found = sorted(path.glob("*")) + sorted(path.glob("*/*"))
+    for file in found:
+        if not file.is_file() or builder_of(file.name) is None or file.name in METADATA_FILES:
+            continue
         prefix = file.name.split("-")[0].split(".")[0]
         split = file.parent.name if prefix.isdigit() else prefix
         files.setdefault(split, []).append(str(file))
-    if not files:
-        return None
-    return datasets.DatasetDict(
-        {split: datasets.Dataset.from_parquet(paths) for split, paths in files.items()}
-    )
+    return files
