@@ -92,6 +92,8 @@ def build_causal_lm(
     else:
         raise ConfigError(field, name, f"use hf:<folder or hub id> or one of {sorted(BUILTIN)}")
     model.kd_name = name
+    #: from_pretrained loaded trained weights; a built-in decoder is random (teacher check)
+    model.kd_pretrained = name.startswith("hf:")
     return model
 
 

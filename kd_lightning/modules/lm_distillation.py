@@ -36,7 +36,7 @@ from kd_lightning.models.lm import build_causal_lm
 from kd_lightning.modules.base import BaseModule
 from kd_lightning.modules.frozen_teacher import FrozenTeacherModule
 from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, copy_from_teacher
-from kd_lightning.modules.teacher import TeacherSpec, freeze
+from kd_lightning.modules.teacher import TeacherSpec, freeze, mark_untrained
 
 EVAL_SUMS = ("tokens", "nll", "teacher_nll", "kl", "reverse_kl", "jsd")
 
@@ -304,6 +304,7 @@ def build_lm_teacher(spec: TeacherSpec, vocab: int, field: str) -> nn.Module:
         model.kd_tokenizer = _folder_tokenizer(spec.model)
     else:
         raise ConfigError(field, spec, "give a teacher `checkpoint` or a `model` (hf:<folder>)")
+    mark_untrained(model, spec, field)  # a built-in llama/gpt2 is random: refused at fit start
     return freeze(model)
 
 

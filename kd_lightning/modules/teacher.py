@@ -99,10 +99,16 @@ def build_teacher(
         raise ConfigError(
             field_name, spec, "give a teacher `checkpoint`, or a `model` name (plus optional `weights`)"
         )
+    mark_untrained(model, spec, field_name)
+    return freeze(model)
+
+
+def mark_untrained(model: nn.Module, spec: TeacherSpec, field_name: str) -> None:
+    """Mark a teacher built from ``spec`` with random weights, unless ``allow_untrained``
+    (``refuse_untrained`` refuses it at fit, store or compress); image and LM teachers alike."""
     trained = bool(spec.checkpoint or spec.weights or getattr(model, "kd_pretrained", False))
     #: (field, model name) of a teacher with random weights that was not allowed to be one
     model.kd_untrained = None if trained or spec.allow_untrained else (field_name, spec.model)
-    return freeze(model)
 
 
 def refuse_untrained(teacher: nn.Module) -> None:
