@@ -29,6 +29,7 @@ from kd_lightning.compress.prune import prunable_modules, zero_channels
 from kd_lightning.data import BundledMNISTDataModule
 from kd_lightning.errors import ConfigError
 from kd_lightning.models import create_model
+from kd_lightning.modules.teacher import TeacherSpec
 from tests.conftest import CONFIGS, DEBUG_TRAINER, logger_args
 
 
@@ -134,7 +135,7 @@ def test_export_check_catches_a_mismatch():
     assert not ok and diff == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_compress_command_end_to_end(tmp_path, student_ckpt):
+def test_compress_command_end_to_end(tmp_path, student_ckpt, capsys):
     out = tmp_path / "compress"
     result = cli_main([
         "compress", "-c", str(CONFIGS / "compress" / "mnist.yaml"),
@@ -145,6 +146,12 @@ def test_compress_command_end_to_end(tmp_path, student_ckpt):
     ])
     names = [r.model for r in result.rows]
     assert names == ["teacher", "student", "pruned", "pruned_kd", "int8_dynamic", "int8_static"]
+    # issue 22: every long pass shows a bar (tqdm on stderr; the fine-tune is Lightning's)
+    printed = capsys.readouterr()
+    for bar in ("test accuracy: teacher", "test accuracy: int8_static", "calibration",
+                "timing 6 models", "export"):
+        assert f"[compress] {bar}" in printed.err, bar
+    assert "Epoch 0" in printed.out + printed.err
     student, pruned_kd = result.row("student"), result.row("pruned_kd")
     # half of the hidden layer's weights (784×64) pruned; the classifier stays dense
     assert student.params - pruned_kd.nonzero_params == pytest.approx(784 * 64 // 2, abs=64)
@@ -185,6 +192,10 @@ def test_bad_inputs_fail_before_any_work(tmp_path, mnist_teacher_ckpt, student_c
         compress(str(student_ckpt), dm, quantize=QuantizeConfig(calibration_batches=0))
     with pytest.raises(ConfigError, match="quantize.backend='tpu'"):
         compress(str(student_ckpt), dm, quantize=QuantizeConfig(backend="tpu"))
+    # issue 21: a teacher with random weights is refused before anything is written
+    with pytest.raises(ConfigError, match=r"teacher\.model='lenet5'.*teacher\.allow_untrained: true"):
+        compress(str(student_ckpt), dm, teacher=TeacherSpec(model="lenet5"), output_dir=str(tmp_path / "u"))
+    assert not (tmp_path / "u").exists()
     assert not (tmp_path / "runs").exists()  # nothing was written
 
 

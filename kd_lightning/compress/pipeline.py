@@ -64,13 +64,14 @@ from kd_lightning.compress.report import (
     interleaved_latency,
     log_wandb,
     measure,
+    progress,
     to_markdown,
     write_csv,
 )
 from kd_lightning.errors import ConfigError
 from kd_lightning.machine import cpu_model
 from kd_lightning.models import create_model
-from kd_lightning.modules.teacher import TeacherSpec, build_teacher
+from kd_lightning.modules.teacher import TeacherSpec, build_teacher, refuse_untrained
 from kd_lightning.preflight import parse_or_config_error
 
 
@@ -184,7 +185,6 @@ def compress(
     """
     _check(prune, finetune, quantize, benchmark)
     out = Path(output_dir)
-    (out / "models").mkdir(parents=True, exist_ok=True)
     src = load_student(checkpoint)
     specs = (teacher if isinstance(teacher, list) else [teacher]) if teacher else src.teachers
     if not specs:
@@ -194,6 +194,9 @@ def compress(
         )
     fields = ["teacher"] if len(specs) == 1 else [f"teacher[{i}]" for i in range(len(specs))]
     teachers = [build_teacher(s, src.num_classes, src.input_shape[0], f) for s, f in zip(specs, fields)]
+    for t in teachers:  # fine-tuning towards a random network is no compression (issue 21)
+        refuse_untrained(t)
+    (out / "models").mkdir(parents=True, exist_ok=True)
     student = create_model(src.name, src.num_classes, src.input_shape[0], field="checkpoint", **src.kwargs)
     student.load_state_dict(src.state)
     student.eval()
@@ -244,7 +247,8 @@ def compress(
     if quantize.dynamic:
         rows.append(row("int8_dynamic", quantize_dynamic(final, quantize.backend), "int8 dynamic"))
     if quantize.static:
-        calibration = [b["image"] for b in itertools.islice(data.train_dataloader(), quantize.calibration_batches)]
+        batches = itertools.islice(data.train_dataloader(), quantize.calibration_batches)
+        calibration = [b["image"] for b in progress(batches, "calibration", quantize.calibration_batches)]
         static_model = quantize_static(final, calibration, quantize.backend)
         rows.append(row("int8_static", static_model, "int8 static"))
 
@@ -278,7 +282,7 @@ def _export(
         jobs.append(("torchscript", static_model, export_torchscript, torchscript_runner,
                      out / f"{name}_int8.torchscript.pt", {}))
     checks = []
-    for fmt, model, write, runner, path, kwargs in jobs:
+    for fmt, model, write, runner, path, kwargs in progress(jobs, "export", len(jobs), "file"):
         write(model, example, path, **kwargs)
         diff, ok = compare(runner(path), model, inputs, cfg.atol, cfg.rtol)
         label = "int8_static" if model is static_model else "final_fp32"

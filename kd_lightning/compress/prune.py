@@ -187,7 +187,7 @@ def kd_finetune(
             accelerator=cfg.accelerator, devices=1, max_epochs=cfg.max_epochs,
             limit_train_batches=cfg.limit_train_batches, limit_val_batches=cfg.limit_val_batches,
             logger=CSVLogger(str(log_dir), name="finetune"), enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            enable_progress_bar=True, enable_model_summary=False, num_sanity_val_steps=0,
         )
         trainer.fit(module, datamodule=datamodule)
         module.cpu()

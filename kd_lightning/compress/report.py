@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import statistics
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +27,15 @@ from torch import Tensor, nn
 
 from kd_lightning.compress.quantize import quiet_ao
 from kd_lightning.errors import ConfigError
+
+
+def progress(iterable: Iterable[Any], desc: str, total: int | None = None, unit: str = "batch") -> Any:
+    """A tqdm bar on stderr for one of compress's long passes (accuracy, calibration, timing,
+    export): on ImageNet-sized data each takes minutes (issue 22)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=f"[compress] {desc}", total=total, unit=unit, leave=False,
+                file=sys.stderr, dynamic_ncols=True)
 
 
 @dataclass
@@ -156,14 +167,17 @@ def interleaved_latency(
     """
     g = torch.Generator().manual_seed(0)
     results: list[dict[int, float]] = [{} for _ in models]
-    with cpu_threads(bench.threads), torch.inference_mode(), quiet_ao():
+    bar = progress(None, f"timing {len(models)} models", len(bench.batch_sizes) * bench.repeats, "round")
+    with cpu_threads(bench.threads), torch.inference_mode(), quiet_ao(), bar:
         for b in bench.batch_sizes:
             x = torch.randn(b, *input_shape, generator=g)
             for m in models:
                 for _ in range(bench.warmup):
                     m(x)
             times: list[list[float]] = [[] for _ in models]
+            bar.set_postfix(batch=b)
             for _ in range(bench.repeats):
+                bar.update()  # between rounds, outside the timed forwards
                 for i, m in enumerate(models):
                     start = time.perf_counter()
                     m(x)
@@ -173,13 +187,21 @@ def interleaved_latency(
     return results
 
 
-def accuracy(model: nn.Module, batches: Iterable[dict[str, Tensor]], max_batches: int | None = None) -> float:
+def accuracy(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], max_batches: int | None = None,
+    desc: str = "accuracy",
+) -> float:
     """Top-1 accuracy over the labelled samples of ``batches`` (CPU)."""
     correct = total = 0
-    with torch.inference_mode(), quiet_ao():
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
+    try:
+        size: int | None = len(batches)  # type: ignore[arg-type]
+    except TypeError:  # an iterable-style loader
+        size = None
+    if max_batches is not None:
+        size = max_batches if size is None else min(size, max_batches)
+        batches = itertools.islice(batches, max_batches)
+    with torch.inference_mode(), quiet_ao(), progress(batches, desc, size) as bar:
+        for batch in bar:
             y = batch["label"]
             keep = y >= 0
             pred = model(batch["image"]).argmax(1)
@@ -197,7 +219,7 @@ def measure(
     model = model.cpu().eval()
     params, nonzero = count_params(model)
     size, gz = saved_size(model, save_path)
-    acc = accuracy(model, test_batches, bench.max_test_batches)
+    acc = accuracy(model, test_batches, bench.max_test_batches, f"test accuracy: {label}")
     arch = getattr(model, "kd_name", type(model).__name__)
     return ModelReport(label, arch, precision, params, nonzero, size, gz, {}, acc)
 
