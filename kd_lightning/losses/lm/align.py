@@ -1,0 +1,151 @@
+"""Byte-offset token alignment between two tokenizers, for token-level losses on aligned spans.
+
+In the manner of TRL's GOLD (huggingface/trl@f2cd57710ae345ea6428ae95363267fcf38a3dc8
+trl/experimental/gold/gold_trainer.py L528-L551 ``_align_by_byte_offsets``, L553-L623
+``_merge_probabilities_with_alignment_groups``): both tokenizations of the same completion
+text are mapped to UTF-8 byte spans; the two token sequences are cut wherever both have a
+token boundary at the same byte, which groups them into aligned spans (each span: the same
+bytes, one or more tokens on each side). Within a span the tokens' log-probabilities add
+(chain rule), so a span's log-probability is comparable across the two models, and a span's
+merged next-token distribution ("observed": the first position's distribution times the
+probability of the span's later, realised tokens) can be compared by ULD or, on the
+vocabulary both tokenizers share, by any ``kd_lightning.losses.lm.divergences`` function.
+
+Byte spans come from the tokens themselves: a byte-level BPE piece (GPT-2's byte → unicode
+alphabet) is one character per byte, so a completion's byte spans are the running sum of
+its pieces' lengths (exact, also for generated tokens, which have no source text); special
+tokens (EOS) are zero-width. GOLD derives them from the fast tokenizer's character offsets
+instead, then repairs the overlaps of multi-byte characters (trl/experimental/utils.py
+L248-L268); for byte-level BPE without a prefix space the two agree.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from kd_lightning.errors import ConfigError
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: unicode character → the byte it stands for."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tokenizer, ids: Sequence[int]) -> list[bytes]:
+    """The bytes each token stands for (b"" for special tokens), for a byte-level BPE."""
+    decoder = _byte_decoder()
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    out = []
+    for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(list(ids))):
+        if i in special:
+            out.append(b"")
+            continue
+        try:
+            out.append(bytes(decoder[c] for c in piece))
+        except KeyError:
+            raise ConfigError(
+                "tokenizer",
+                getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+                "byte-offset alignment needs a byte-level BPE tokenizer (GPT-2, Llama-3, Qwen)",
+            ) from None
+    return out
+
+
+def byte_spans(tokenizer, ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of each token of one completion, from byte 0."""
+    spans, cursor = [], 0
+    for piece in token_bytes(tokenizer, ids):
+        spans.append((cursor, cursor + len(piece)))
+        cursor += len(piece)
+    return spans
+
+
+def align_spans(
+    student: Sequence[tuple[int, int]], teacher: Sequence[tuple[int, int]]
+) -> list[tuple[list[int], list[int]]]:
+    """Groups of (student token positions, teacher token positions) covering the same bytes:
+    a group closes where both sides end a token at the same byte. Zero-width tokens (EOS)
+    join the group they end in; any unmatched tail becomes one last group (GOLD's rule)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    s = t = s0 = t0 = 0
+    while s < len(student) and t < len(teacher):
+        s_end, t_end = student[s][1], teacher[t][1]
+        if s_end < t_end:
+            s += 1
+        elif t_end < s_end:
+            t += 1
+        else:
+            s, t = s + 1, t + 1
+            groups.append((list(range(s0, s)), list(range(t0, t))))
+            s0, t0 = s, t
+    if s0 < len(student) or t0 < len(teacher):
+        groups.append((list(range(s0, len(student))), list(range(t0, len(teacher)))))
+    return [(a, b) for a, b in groups if a and b]
+
+
+def span_log_probs(log_probs: Tensor, targets: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
+    """log p(span) = Σ of the realised tokens' log-probabilities within each span.
+
+    ``log_probs`` ``[T, V]``: row k is the distribution of target token k (already shifted);
+    ``targets`` ``[T]``; ``groups``: token positions per span. Returns ``[G]``."""
+    token = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    index = torch.cat([torch.full((len(g),), i, dtype=torch.long) for i, g in enumerate(groups)])
+    positions = torch.cat([torch.as_tensor(list(g), dtype=torch.long) for g in groups])
+    out = token.new_zeros(len(groups))
+    return out.index_add(0, index.to(token.device), token[positions.to(token.device)])
+
+
+def merged_log_probs(
+    log_probs: Tensor, targets: Tensor, groups: Sequence[Sequence[int]], strategy: str = "observed"
+) -> Tensor:
+    """One (unnormalised) log-distribution per span ``[G, V]``: GOLD's merge in log space.
+
+    ``observed``: the first position's distribution + the log-probabilities of the span's
+    later realised tokens; ``bayesian``: the last position's distribution + those of its
+    earlier ones. A one-token span is that token's distribution."""
+    if strategy not in ("observed", "bayesian"):
+        raise ConfigError("merge_strategy", strategy, "use 'observed' or 'bayesian'")
+    token = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+    rows = []
+    for g in groups:
+        base, rest = (g[0], g[1:]) if strategy == "observed" else (g[-1], g[:-1])
+        rows.append(log_probs[base] + token[list(rest)].sum() if rest else log_probs[base])
+    return torch.stack(rows)
+
+
+def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[Tensor, Tensor]:
+    """(student ids, teacher ids) of the tokens both vocabularies hold with the same string,
+    sorted by teacher id (GOLD's hybrid-ULD map, gold_trainer.py L350-L380)."""
+    s_vocab = student_tokenizer.get_vocab()
+    pairs = sorted(
+        (t_id, s_vocab[tok])
+        for tok, t_id in teacher_tokenizer.get_vocab().items()
+        if tok in s_vocab
+    )
+    return (
+        torch.tensor([s for _, s in pairs], dtype=torch.long),
+        torch.tensor([t for t, _ in pairs], dtype=torch.long),
+    )
+
+
+__all__ = [
+    "align_spans",
+    "byte_spans",
+    "merged_log_probs",
+    "shared_vocabulary",
+    "span_log_probs",
+    "token_bytes",
+]
