@@ -15,10 +15,20 @@ each micro-batch back-propagates its own sum and ``on_before_optimizer_step`` re
 accumulated gradients once by ``accumulate · world / N_window`` (undoing Lightning's
 ``1/accumulate`` and DDP's ``1/world`` averaging): grad(Σ/N) = grad(Σ)/N exactly, however
 the window is split into micro-batches and ranks.
+
+On-policy and mixed training (GKD, Agarwal et al. 2024). With ``on_policy.lmbda`` = λ, each
+training batch is, with probability λ (a seeded draw per (epoch, batch), the same on every
+rank), replaced by the student's own completions of its prompts: the prompts are left-padded
+for ``generate`` (KV cache on) in chunks of ``generation_batch_size``, each completion is cut
+after its first EOS (so ``pad == eos`` is safe), and the sequences are re-packed right-padded
+(prompt + generated completion) exactly like a dataset batch, so the teacher reads the same
+sequences and the token count of the step is the generated completion tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +49,96 @@ from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, cop
 from kd_lightning.modules.teacher import TeacherSpec, freeze, mark_untrained
 
 EVAL_SUMS = ("tokens", "nll", "teacher_nll", "kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class OnPolicySpec:
+    """Student-generated completions (GKD's λ; ``model.on_policy``).
+
+    Args:
+        lmbda: probability per training batch that the student generates its completions
+            (0: off-policy, the dataset's completions; 1: always on-policy).
+        temperature: sampling temperature (0: greedy).
+        top_p: nucleus sampling mass (1: off).
+        max_new_tokens: the longest generated completion.
+        generation_batch_size: prompts per ``generate`` call (0: the whole micro-batch), so
+            the KV cache's memory does not grow with the micro-batch.
+        seed: of the per-batch λ draw.
+    """
+
+    lmbda: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    generation_batch_size: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError("model.on_policy.lmbda", self.lmbda, "use a probability in [0, 1]")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(
+                "model.on_policy", self, "use temperature >= 0 (0: greedy) and 0 < top_p <= 1"
+            )
+        if self.max_new_tokens < 1 or self.generation_batch_size < 0:
+            raise ConfigError(
+                "model.on_policy", self, "use max_new_tokens >= 1, generation_batch_size >= 0"
+            )
+
+    def draw(self, epoch: int, batch_idx: int) -> bool:
+        """Whether this batch is generated: deterministic in (seed, epoch, batch), so a
+        rerun (and every DDP rank) makes the same choices."""
+        if self.lmbda <= 0 or self.lmbda >= 1:
+            return self.lmbda >= 1
+        digest = hashlib.sha256(f"{self.seed}:{epoch}:{batch_idx}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return bool(torch.rand((), generator=g) < self.lmbda)
+
+
+def prompt_lengths(batch: dict[str, Tensor]) -> Tensor:
+    """Tokens before each row's first completion token (all of it when it has none)."""
+    has = batch["labels"] != -100
+    return torch.where(has.any(1), has.int().argmax(1), batch["attention_mask"].sum(1))
+
+
+def left_padded_prompts(batch: dict[str, Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """The rows' prompts, left-padded (what a decoder's ``generate`` needs)."""
+    lens = prompt_lengths(batch)
+    width = int(lens.max())
+    ids = torch.full((len(lens), width), pad_id, dtype=torch.long, device=lens.device)
+    attention = torch.zeros_like(ids)
+    for i, n in enumerate(lens.tolist()):
+        ids[i, width - n :] = batch["input_ids"][i, :n]
+        attention[i, width - n :] = 1
+    return ids, attention
+
+
+def completion_mask(generated: Tensor, eos_id: int | None) -> Tensor:
+    """True up to and including each row's first EOS; False after it (``generate``'s
+    padding). Counting EOS tokens instead of comparing with the pad id keeps it right when
+    ``pad == eos``."""
+    if eos_id is None:
+        return torch.ones_like(generated, dtype=torch.bool)
+    is_eos = (generated == eos_id).int()
+    return (is_eos.cumsum(1) - is_eos) == 0
+
+
+def pack_sequences(
+    prompts: list[Tensor], completions: list[Tensor], pad_id: int
+) -> dict[str, Tensor]:
+    """Right-padded prompt + completion rows, labels on the completion only (as the
+    dataset's collator builds them)."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    device = prompts[0].device
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    labels = torch.full_like(ids, -100)
+    attention = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.cat([p, c])
+        attention[i, :n] = 1
+        labels[i, len(p) : n] = c
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
 class _CausalLMCore:
@@ -331,6 +431,8 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         heads: ``kd_lightning.losses.lm`` heads; default TokenDivergence(forward_kl).
         init_from_teacher: ``matching`` or ``every_kth`` (every k-th decoder layer).
         chunk_size: > 0: the chunked loss (logits rebuilt per chunk, recomputed in backward).
+        on_policy: ``OnPolicySpec``: with probability ``lmbda`` per batch the student
+            generates the completions it is trained on (see the module docstring).
         allow_teacher_change, num_classes, input_shape, vocab_sizes, generate_samples,
         max_new_tokens, optimizer, lr_scheduler: as in the other modules.
 
@@ -356,11 +458,15 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         vocab_sizes: dict[str, int] | None = None,
         generate_samples: int = 16,
         max_new_tokens: int = 48,
+        on_policy: OnPolicySpec | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "allow_teacher_change"])
+        self.on_policy = on_policy
+        if on_policy is not None:
+            on_policy.check()
         self.allow_teacher_change = allow_teacher_change
         self.real_vocab = _check_vocab(num_classes, vocab_sizes)
         self.chunk_size, self.generate_samples = int(chunk_size), int(generate_samples)
@@ -424,7 +530,62 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
                 "distillation is not supported: give the data the teacher's tokenizer",
             )
 
+    def special_ids(self) -> tuple[int, int | None]:
+        """(pad, eos) ids: the data's tokenizer's, else the student's config's."""
+        tok = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        config = self.student.config
+        eos = tok.eos_token_id if tok is not None else config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+        pad = tok.pad_token_id if tok is not None else config.pad_token_id
+        return (eos if pad is None else pad), eos
+
+    @torch.no_grad()
+    def generate_completions(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's prompts completed by the student (see ``OnPolicySpec``)."""
+        spec = self.on_policy
+        pad, eos = self.special_ids()
+        if pad is None:
+            raise ConfigError("model.on_policy", spec, "the tokenizer has neither pad nor EOS")
+        ids, attention = left_padded_prompts(batch, pad)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": spec.max_new_tokens,
+            "pad_token_id": pad,
+            "eos_token_id": eos,
+            "use_cache": True,
+        }
+        if spec.temperature > 0:
+            kwargs.update(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        rows = self.student.get_output_embeddings().weight.shape[0]
+        if rows > self.real_vocab:  # a padded table: never sample a token the tokenizer lacks
+            kwargs["suppress_tokens"] = list(range(self.real_vocab, rows))
+        size = self.on_policy.generation_batch_size or len(ids)
+        was_training = self.student.training
+        self.student.eval()  # no dropout while sampling
+        generated: list[Tensor] = []
+        try:
+            for start in range(0, len(ids), size):
+                chunk, chunk_attention = ids[start : start + size], attention[start : start + size]
+                cut = int((chunk_attention.sum(0) == 0).sum())  # this chunk's all-pad columns
+                out = self.student.generate(
+                    input_ids=chunk[:, cut:], attention_mask=chunk_attention[:, cut:], **kwargs
+                )
+                generated.extend(out[:, chunk.shape[1] - cut :])
+        finally:
+            nn.Module.train(self.student, was_training)
+        lens = prompt_lengths(batch).tolist()
+        prompts = [batch["input_ids"][i, :n] for i, n in enumerate(lens)]
+        completions = [g[completion_mask(g[None], eos)[0]] for g in generated]
+        return pack_sequences(prompts, completions, pad)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        on_policy = self.on_policy is not None and self.on_policy.draw(
+            self.current_epoch, batch_idx
+        )
+        if on_policy:
+            # the loss, the teacher and the token count all read the generated sequences
+            batch = self.generate_completions(batch)
         teacher = self.teacher_output(batch)
         student = self.lm_output(self.student, batch, hidden=self._hidden)
         total, terms = None, {}
@@ -439,12 +600,11 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
             total = student.head_weight.sum() * 0.0
         self.count_tokens(student.mask)
         n = student.mask.sum().clamp_min(1)
-        self.log_train_step(
-            total.detach() / n,
-            batch["input_ids"].shape[0],
-            batch_idx,
-            {k: v / n for k, v in terms.items()},
-        )
+        terms = {k: v / n for k, v in terms.items()}
+        if self.on_policy is not None:  # epoch means: the on-policy share, completion length
+            terms["on_policy"] = torch.tensor(float(on_policy), device=n.device)
+            terms["completion_tokens"] = student.mask.sum(1).float().mean()
+        self.log_train_step(total.detach() / n, batch["input_ids"].shape[0], batch_idx, terms)
         return total
 
     def trained_model(self) -> nn.Module:
@@ -457,4 +617,12 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         return self.teacher_output(batch)
 
 
-__all__ = ["CausalLMModule", "LMDistillationModule", "build_lm_teacher"]
+__all__ = [
+    "CausalLMModule",
+    "LMDistillationModule",
+    "OnPolicySpec",
+    "build_lm_teacher",
+    "completion_mask",
+    "left_padded_prompts",
+    "pack_sequences",
+]
