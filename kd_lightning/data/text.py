@@ -865,11 +865,18 @@ class HFTextDataModule(TextDataModule):
     @property
     def local_dir(self) -> Path:
         """Where the dataset lives on disk (see the class docstring)."""
+        return self._local()[0]
+
+    def _local(self) -> tuple[Path, bool]:
+        """(where the dataset lives, whether ``dataset`` itself is that path): a path-like
+        value is the path; a bare name is ``data_dir/<dataset>[/<subset>]``, or the folder
+        of that name when only that exists."""
         assert self.dataset is not None
         given = Path(self.dataset).expanduser()
-        if given.exists() or _looks_like_path(self.dataset):
-            return given
-        return Path(self.data_dir, self.dataset, *([self.subset] if self.subset else []))
+        under = Path(self.data_dir, self.dataset, *([self.subset] if self.subset else []))
+        if _looks_like_path(self.dataset) or (given.exists() and not under.exists()):
+            return given, True
+        return under, False
 
     def prepare_data(self) -> None:
         if self.download:
@@ -888,8 +895,7 @@ class HFTextDataModule(TextDataModule):
         return self._dataset_dict
 
     def _load_dir(self) -> Any:
-        local = self.local_dir
-        named_path = local == Path(self.dataset or "").expanduser()
+        local, named_path = self._local()
         field = "data.dataset" if named_path else "data.data_dir"
         data = read_local_dataset(local, field, self.train_split, str(self.data_dir))
         if data is not None:
