@@ -80,8 +80,12 @@ class CIFAR10DataModule(KDDataModule):
         return CIFAR10
 
     def download_data(self) -> None:
+        from kd_lightning.data.download import fetch_bounded
+
         cls = self._torchvision_class()
-        cls(self.data_dir, train=True, download=True)
+        fix = (f"extract the official python-version archive ({cls.filename}) into "
+               f"{self.data_dir} and set data.download: false")
+        fetch_bounded(cls.__name__, [cls.url], lambda: cls(self.data_dir, train=True, download=True), fix)
 
     def augmentations(self) -> list:
         return [T.RandomCrop(32, padding=4, padding_mode=self.crop_padding_mode),

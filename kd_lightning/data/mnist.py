@@ -101,9 +101,17 @@ class MNISTDataModule(KDDataModule):
         return MNIST
 
     def download_data(self) -> None:
+        from kd_lightning.data.download import fetch_bounded
+
         cls = self._torchvision_class()
-        for train in (True, False):
-            cls(self.data_dir, train=train, download=True)
+        raw = Path(self.data_dir) / self.folder / "raw"
+
+        def fetch() -> None:
+            for train in (True, False):
+                cls(self.data_dir, train=train, download=True)
+
+        fix = f"copy the {self.folder} IDX files into {raw} and set data.download: false"
+        fetch_bounded(cls.__name__, cls.mirrors, fetch, fix)
 
     def load_arrays(self, train: bool) -> tuple[Tensor, Tensor]:
         from torchvision.datasets.mnist import read_image_file, read_label_file
