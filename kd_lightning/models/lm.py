@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -95,6 +96,63 @@ def build_causal_lm(
     #: from_pretrained loaded trained weights; a built-in decoder is random (teacher check)
     model.kd_pretrained = name.startswith("hf:")
     return model
+
+
+@dataclass
+class LoRASpec:
+    """A LoRA student (``model.lora``), through ``peft``: only the adapters train, go into
+    the optimizer and into the checkpoint.
+
+    Args:
+        r: the adapters' rank.
+        alpha: LoRA's scaling numerator (updates are scaled by ``alpha / r``).
+        dropout: on the adapters' input.
+        target_modules: names of the linear layers that get adapters (Llama: ``q_proj``,
+            ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``;
+            GPT-2: ``c_attn``, ``c_proj``, ``c_fc``).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def apply_lora(model: nn.Module, spec: LoRASpec, field_name: str = "model.lora") -> nn.Module:
+    """``model`` with LoRA adapters on ``spec.target_modules``; its own weights frozen."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(
+            field_name, spec, 'LoRA needs peft: pip install "kd-lightning[llm]"'
+        ) from None
+    if spec.r < 1 or spec.alpha <= 0 or not 0 <= spec.dropout < 1:
+        raise ConfigError(field_name, spec, "use r >= 1, alpha > 0 and 0 <= dropout < 1")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = sorted(set(spec.target_modules) - names)
+    if missing or not spec.target_modules:
+        raise ConfigError(
+            f"{field_name}.target_modules",
+            spec.target_modules,
+            f"the model has no {missing or 'target'} module; its linear layers include "
+            f"{sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))[:4]}",
+        )
+    config = peft.LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    wrapped = peft.get_peft_model(model, config)
+    wrapped.kd_name = getattr(model, "kd_name", None)
+    return wrapped
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack without its LM head (under a peft wrapper too)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
 
 
 def decoder_layers(model: nn.Module) -> int:

@@ -42,7 +42,7 @@ from kd_lightning.errors import ConfigError
 from kd_lightning.losses.lm import TokenCrossEntropy, TokenDivergence, TokenHead
 from kd_lightning.losses.lm.divergences import forward_kl, generalized_jsd, reverse_kl
 from kd_lightning.losses.outputs import TokenOutput
-from kd_lightning.models.lm import build_causal_lm
+from kd_lightning.models.lm import LoRASpec, apply_lora, backbone, build_causal_lm
 from kd_lightning.modules.base import BaseModule
 from kd_lightning.modules.frozen_teacher import FrozenTeacherModule
 from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, copy_from_teacher
@@ -154,7 +154,7 @@ class _CausalLMCore:
         chunked = self.chunk_size > 0
         ids, attention = batch["input_ids"], batch["attention_mask"]
         if chunked:
-            out = model.base_model(
+            out = backbone(model)(
                 input_ids=ids, attention_mask=attention, output_hidden_states=hidden
             )
             states = out.hidden_states if hidden else (out.last_hidden_state,)
@@ -431,6 +431,9 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         heads: ``kd_lightning.losses.lm`` heads; default TokenDivergence(forward_kl).
         init_from_teacher: ``matching`` or ``every_kth`` (every k-th decoder layer).
         chunk_size: > 0: the chunked loss (logits rebuilt per chunk, recomputed in backward).
+        lora: ``LoRASpec``: LoRA adapters on the student (``peft``); only they train and
+            only they (and any trainable head) are saved; the frozen base is rebuilt from
+            ``student``/``init_from_teacher`` and checked against a fingerprint on load.
         on_policy: ``OnPolicySpec``: with probability ``lmbda`` per batch the student
             generates the completions it is trained on (see the module docstring).
         allow_teacher_change, num_classes, input_shape, vocab_sizes, generate_samples,
@@ -459,6 +462,7 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         generate_samples: int = 16,
         max_new_tokens: int = 48,
         on_policy: OnPolicySpec | None = None,
+        lora: LoRASpec | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -482,6 +486,10 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         self.init_report: InitReport | None = None
         if init_from_teacher != "none":
             self.init_report = copy_from_teacher(self.student, self.teacher, init_from_teacher)
+        self.lora = lora
+        if lora is not None:  # after init_from_teacher: the adapters sit on the copied weights
+            self.student = apply_lora(self.student, lora, "model.lora")
+            self.strict_loading = False  # checkpoints hold the adapters, not the frozen base
         self.heads = nn.ModuleList(heads if heads is not None else [TokenDivergence()])
         if not self.heads or not all(isinstance(h, TokenHead) for h in self.heads):
             raise ConfigError(
@@ -610,6 +618,57 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
     def trained_model(self) -> nn.Module:
         return self.student
 
+    # -- LoRA checkpoints: the adapters only ----------------------------------------------------
+    def _frozen_student_keys(self) -> set[str]:
+        return {f"student.{n}" for n, p in self.student.named_parameters() if not p.requires_grad}
+
+    def lora_base_fingerprint(self) -> str:
+        """Identifies the frozen base weights (shapes, sums and leading values of each)."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.student.named_parameters()):
+            if not p.requires_grad:
+                flat = p.detach().float().flatten()
+                h.update(f"{name}{tuple(p.shape)}{flat.sum().item():.6e}".encode())
+                h.update(flat[:256].cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.lora is None:
+            return
+        frozen = self._frozen_student_keys()
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k not in frozen
+        }
+        checkpoint["kd_lora_base"] = self.lora_base_fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("kd_lora_base")
+        if self.lora is None and saved is None:
+            return
+        if self.lora is None or saved is None:
+            raise ConfigError(
+                "model.lora",
+                self.lora,
+                "the checkpoint was saved "
+                + ("with" if saved else "without")
+                + " LoRA adapters: use the same model.lora as the run that wrote it",
+            )
+        if saved != self.lora_base_fingerprint():
+            raise ConfigError(
+                "model.student",
+                self.hparams.get("student"),
+                "the LoRA checkpoint's adapters were trained on other base weights: "
+                "build the same student (student, student_kwargs, init_from_teacher, seed)",
+            )
+        trainable = {k for k in self.state_dict() if k not in self._frozen_student_keys()}
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
+        if missing:
+            raise ConfigError(
+                "ckpt_path", None, f"the LoRA checkpoint lacks trainable weights {missing[:3]}"
+            )
+
     def teacher_model(self) -> nn.Module:
         return self.teacher
 
@@ -620,6 +679,7 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
 __all__ = [
     "CausalLMModule",
     "LMDistillationModule",
+    "LoRASpec",
     "OnPolicySpec",
     "build_lm_teacher",
     "completion_mask",
