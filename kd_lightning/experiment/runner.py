@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import hashlib
 import io
 import json
@@ -46,6 +45,7 @@ import yaml
 from kd_lightning.callbacks.test_every_epoch import TestEveryEpoch
 from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.errors import ConfigError
+from kd_lightning.experiment.launch import RunJob
 from kd_lightning.experiment.progress import ProgressCallback
 from kd_lightning.experiment.results import aggregate, text_table, write_results
 from kd_lightning.experiment.spec import (
@@ -66,7 +66,33 @@ _MISSING = object()
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """``kd-lightning experiment ...``; returns the rows of the results table."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return Experiment(parse_spec(argv), argv=argv).run()
+    export, argv = _pop_flag(argv, "--export-wandb-sweep")
+    spec = parse_spec(argv)
+    if export is not None:  # write the W&B sweep file instead of running
+        from kd_lightning.experiment.wandb_sweep import export_wandb_sweep
+
+        path = export_wandb_sweep(spec, spec.grid, export, spec.out_dir.resolve())
+        print(f"[{spec.name}] W&B sweep → {path}  (then: wandb sweep {path.name}; wandb agent <id>)")
+        return []
+    return Experiment(spec, argv=argv).run()
+
+
+def _pop_flag(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """``flag value`` or ``flag=value`` taken out of ``argv`` (the spec parser does not know it)."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == flag or a == flag.replace("-", "_").replace("__", "--", 1):
+            if i + 1 >= len(argv):
+                raise ConfigError(flag.lstrip("-"), None, f"give a file name: {flag} sweep.yaml")
+            value, i = argv[i + 1], i + 2
+            continue
+        if a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return value, rest
 
 
 class Experiment:
@@ -91,16 +117,30 @@ class Experiment:
         (self.out / "experiment.yaml").write_text(
             yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False)
         )
-        n_runs = 1 + len(spec.seeds) * (1 + len(spec.kd))
-        print(f"[{spec.name}] {n_runs} runs → {self.out}", flush=True)
+        n_students = len(spec.stages()) - 1
+        n_runs = 1 + len(spec.seeds) * n_students
+        print(f"[{spec.name}] {n_runs} runs → {self.out}"
+              + (f" ({spec.launcher} launcher)" if spec.launcher != "sequential" else ""), flush=True)
         self._progress = _RunProgress(n_runs)
-        with _quiet_lightning():
-            self._preflight()
-            records = [self._teacher()]
-            teacher_dir = self._run_dir(spec.teacher, records[0]["seed"])
-            for kind, stage in spec.stages()[1:]:
-                for seed in spec.seeds:
-                    records.append(self._student(kind, stage, seed, records[0], teacher_dir))
+        from kd_lightning.experiment.launch import make_launcher
+
+        launcher = make_launcher(spec, self.out)
+        search = None
+        try:
+            with _quiet_lightning():
+                self._preflight()
+                records = self._launch([self._teacher_plan_job()], launcher)
+                teacher_dir = self._run_dir(spec.teacher, records[0]["seed"])
+                records += self._launch([
+                    self._student_job(kind, stage, seed, records[0], teacher_dir)
+                    for kind, stage in spec.stages()[1:] for seed in spec.seeds
+                ], launcher)
+                if spec.search is not None:
+                    from kd_lightning.experiment.search import run_search
+
+                    search = run_search(self, records[0], teacher_dir)
+        finally:
+            launcher.close()
         order = [(kind, stage.name) for kind, stage in spec.stages()]
         rows = aggregate(records, order, spec.published)
         meta = {
@@ -112,9 +152,15 @@ class Experiment:
             "machine": machine_info(), **git_revision(),
             **self._provenance(),
         }
+        if search is not None:
+            meta["search"] = {k: search[k] for k in ("best", "n_complete", "n_pruned", "n_failed")}
         paths = write_results(rows, records, self.out, meta)
         print(f"\n[{spec.name}] results ({len(records)} runs, {meta['run_seconds_total']:.0f} s of "
               f"training+testing)\n{text_table(rows)}\n→ {paths['md']}", flush=True)
+        if search is not None:  # the trials and the best parameters, after the main table
+            with paths["md"].open("a") as fh:
+                fh.write("\n" + search["markdown"])
+            print(f"\n{search['markdown']}", flush=True)
         images: list[Path] = []
         if spec.plots:
             from kd_lightning.experiment.plots import make_plots
@@ -151,17 +197,17 @@ class Experiment:
         stat = ckpt.stat()  # a replaced checkpoint file makes every run stale
         return self._test_args(stage, seed, run_dir, ckpt), f"{ckpt}:{stat.st_size}:{stat.st_mtime_ns}", False
 
-    def _teacher(self) -> dict[str, Any]:
+    def _teacher_plan_job(self) -> dict[str, Any] | RunJob:
         stage, seed = self.spec.teacher, self.spec.teacher.seed
         args, extra, fit = self._teacher_plan()
-        return self._execute("teacher", stage, seed, self._run_dir(stage, seed), args, extra, fit=fit)
+        return self._plan("teacher", stage, seed, self._run_dir(stage, seed), args, extra, fit=fit)
 
-    def _student(self, kind: str, stage: Stage, seed: int, teacher: dict[str, Any],
-                 teacher_dir: Path) -> dict[str, Any]:
+    def _student_job(self, kind: str, stage: Stage, seed: int, teacher: dict[str, Any],
+                     teacher_dir: Path, extra_args: list[str] | None = None) -> dict[str, Any] | RunJob:
         run_dir = self._run_dir(stage, seed)
         args = self._fit_args(kind, stage, seed, run_dir, teacher_ckpt=teacher["best_ckpt"])
-        return self._execute(kind, stage, seed, run_dir, args, key_extra=teacher["key"],
-                             teacher_dir=teacher_dir)
+        return self._plan(kind, stage, seed, run_dir, [*args, *(extra_args or [])],
+                          key_extra=teacher["key"], teacher_dir=teacher_dir)
 
     # -- building one run's arguments ----------------------------------------------------
     def _run_dir(self, stage: Stage | TeacherStage, seed: int) -> Path:
@@ -272,8 +318,8 @@ class Experiment:
         teacher = _finished(t_dir, _run_key(t_args, t_extra))
         if teacher is None:
             checks.append(("teacher", t_args))
-        for i, (kind, stage) in enumerate(spec.stages()[1:]):
-            field = "scratch" if kind == "scratch" else f"kd[{i - 1}]"
+        for kind, stage in spec.stages()[1:]:
+            field = "scratch" if kind == "scratch" else f"kd[{spec.kd.index(stage)}]"
             ckpt = teacher["best_ckpt"] if teacher else str(t_dir / "checkpoints" / "best.ckpt")
             todo = [
                 args for seed in spec.seeds
@@ -301,15 +347,16 @@ class Experiment:
                         field, args[1:], f"kd-lightning {args[0]} rejects these arguments: {reason}"
                     ) from None
 
-    # -- running one -----------------------------------------------------------------------
-    def _execute(self, kind: str, stage: Stage | TeacherStage, seed: int, run_dir: Path,
-                 args: list[str], key_extra: str, fit: bool = True,
-                 teacher_dir: Path | None = None) -> dict[str, Any]:
+    # -- running ---------------------------------------------------------------------------
+    def _plan(self, kind: str, stage: Stage | TeacherStage, seed: int, run_dir: Path,
+              args: list[str], key_extra: str, fit: bool = True,
+              teacher_dir: Path | None = None) -> dict[str, Any] | RunJob:
+        """A finished run's record (skipped), or the job that (re-)runs it, its folder ready."""
         key = _run_key(args, key_extra)
         done = run_dir / "done.json"
         tag = f"[{self.spec.name}] {stage.name} seed {seed}"
         record = _finished(run_dir, key)
-        progress = getattr(self, "_progress", None) or _RunProgress(1)
+        progress = self._progress_or_new()
         if record is not None:
             progress.done(None)
             print(f"{tag}: done before, skipped ({done})  {progress}", flush=True)
@@ -327,31 +374,43 @@ class Experiment:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         (run_dir / "command.txt").write_text("kd-lightning " + shlex.join(args) + "\n")
-        print(f"{tag}: {'training' if fit else 'testing the given checkpoint'}", flush=True)
+        return RunJob(kind=kind, stage=stage.name, seed=seed, run_dir=str(run_dir), args=args,
+                      key=key, fit=fit, teacher_dir=None if teacher_dir is None else str(teacher_dir))
 
-        from kd_lightning.cli import main as cli_main
+    def _progress_or_new(self) -> _RunProgress:
+        if getattr(self, "_progress", None) is None:
+            self._progress = _RunProgress(1)
+        return self._progress
 
-        t0 = time.perf_counter()
-        try:
-            cli = cli_main(args)
-            record = (_fit_then_test if fit else _tested)(cli, run_dir)
-        finally:
-            _finish_wandb()
-        record.update(stage=stage.name, kind=kind, seed=seed, key=key,
-                      seconds=round(time.perf_counter() - t0, 2), command=args)
-        if teacher_dir is not None:
-            record.update(_agreement(run_dir, teacher_dir))
-        del cli
-        gc.collect()
-        done.write_text(json.dumps(record, indent=2) + "\n")
+    def _launch(self, planned: list[dict[str, Any] | RunJob], launcher: Any) -> list[dict[str, Any]]:
+        """Records in ``planned`` order: finished ones as they are, the jobs run by
+        ``launcher`` (all at once, ``parallel`` at a time)."""
+        jobs = [p for p in planned if isinstance(p, RunJob)]
+        threads, to_file = launcher.threads(), launcher.name != "sequential"
+        for job in jobs:
+            job.threads, job.log_to_file = threads, to_file
+            what = "training" if job.fit else "testing the given checkpoint"
+            where = f" ({launcher.name}; log: {Path(job.run_dir) / 'run.log'})" if to_file else ""
+            print(f"[{self.spec.name}] {job.stage} seed {job.seed}: {what}{where}", flush=True)
+        results: dict[str, dict[str, Any]] = {}
+
+        def on_done(job: RunJob, record: dict[str, Any]) -> None:
+            results[job.run_dir] = record
+            self._report(job, record)
+
+        if jobs:
+            launcher.run(jobs, on_done)
+        return [results[p.run_dir] if isinstance(p, RunJob) else p for p in planned]
+
+    def _report(self, job: RunJob, record: dict[str, Any]) -> None:
+        progress = self._progress_or_new()
         parts = [f"{record[key]:.4f} ({label})" for key, label in (
             ("test_acc_best", f"best-val ckpt, epoch {record['best_epoch']}"),
             ("test_acc_last", "last epoch"), ("test_acc_best_on_test", "best epoch on test"),
         ) if record.get(key) is not None]
         progress.done(record["seconds"])
-        print(f"{tag}: test acc {', '.join(parts) or '—'}  [{record['seconds']:.1f} s]  {progress}",
-              flush=True)
-        return record
+        print(f"[{self.spec.name}] {job.stage} seed {job.seed}: test acc {', '.join(parts) or '—'}"
+              f"  [{record['seconds']:.1f} s]  {progress}", flush=True)
 
 
 class _RunProgress:

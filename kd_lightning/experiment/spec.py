@@ -62,7 +62,8 @@ class ExperimentSpec:
 
     name: str
     teacher: TeacherStage
-    scratch: Stage
+    #: None: no from-scratch baseline (a search or a sweep over KD settings only)
+    scratch: Stage | None
     kd: list[Stage]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     output_dir: str | None = None
@@ -82,14 +83,34 @@ class ExperimentSpec:
     #: the experiment file's folder: relative config paths are also looked up from here
     #: and its parents (set by ``parse_spec``, not by the user)
     source_dir: str | None = None
+    #: where runs execute: sequential | local | slurm | submitit_local (kd_lightning.experiment.launch)
+    launcher: str = "sequential"
+    #: runs at once (local: worker processes; submitit: jobs in flight)
+    parallel: int | None = None
+    #: submitit/Slurm parameters: partition, timeout_min, gpus_per_node, cpus_per_task, mem_gb …
+    slurm: dict[str, Any] = field(default_factory=dict)
+    #: submitit only: runs that share one job (one start-up, one queue wait)
+    runs_per_job: int = 1
+    #: which stage kinds the grid multiplies: kd and/or scratch
+    grid_stages: list[str] = field(default_factory=lambda: ["kd"])
+    #: the grid as given (the W&B sweep export reads it back)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    #: an Optuna search over one stage (kd_lightning.experiment.search.SearchSpec fields)
+    search: dict[str, Any] | None = None
+    #: the scratch stages after the grid (empty: ``[scratch]``)
+    scratch_grid: list[Stage] = field(default_factory=list)
 
     @property
     def out_dir(self) -> Path:
         return Path(self.output_dir or f"runs/experiments/{self.name}")
 
+    def scratch_stages(self) -> list[Stage]:
+        return self.scratch_grid or ([self.scratch] if self.scratch is not None else [])
+
     def stages(self) -> list[tuple[str, Stage | TeacherStage]]:
         """(kind, stage) in run order: teacher, scratch, then each KD variant."""
-        return [("teacher", self.teacher), ("scratch", self.scratch), *(("kd", s) for s in self.kd)]
+        return [("teacher", self.teacher), *(("scratch", s) for s in self.scratch_stages()),
+                *(("kd", s) for s in self.kd)]
 
 
 def build_parser() -> ArgumentParser:
@@ -104,7 +125,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("-c", "--config", action=ActionConfigFile, help="the experiment YAML file")
     p.add_argument("--name", type=str, required=True, help="experiment name (W&B group)")
     p.add_argument("--teacher", type=TeacherStage, default=TeacherStage())
-    p.add_argument("--scratch", type=Stage, required=True)
+    p.add_argument("--scratch", type=Stage | None, default=None,
+                   help="the from-scratch student baseline (omit it for a KD-only sweep)")
     p.add_argument("--kd", type=list[Stage], required=True)
     p.add_argument("--seeds", type=list[int], default=[0, 1, 2], help="student seeds")
     p.add_argument("--output_dir", type=str | None, default=None,
@@ -127,6 +149,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--grid", type=dict[str, list[Any]], default={},
                    help="dotted config key → values: every KD stage runs once per combination "
                    "(key 'seeds' replaces the seeds), e.g. {model.init_args.temperature: [2, 4]}")
+    p.add_argument("--grid_stages", type=list[str], default=["kd"],
+                   help="stage kinds the grid multiplies: [kd], [scratch] or [scratch, kd]")
+    p.add_argument("--search", type=dict[str, Any] | None, default=None,
+                   help="an Optuna search over one stage: parameters, n_trials, metric, direction, "
+                   "sampler, pruner (see docs/guide/experiments.md)")
+    p.add_argument("--launcher", type=str, default="sequential",
+                   help="sequential | local (parallel processes) | slurm (submitit) | "
+                   "submitit_local (submitit's LocalExecutor, to try the Slurm path here)")
+    p.add_argument("--parallel", type=int | None, default=None,
+                   help="runs at once: local worker processes, or submitit jobs in flight")
+    p.add_argument("--slurm", type=dict[str, Any], default={},
+                   help="submitit parameters: partition, timeout_min, gpus_per_node, cpus_per_task, ...")
+    p.add_argument("--runs_per_job", type=int, default=1,
+                   help="submitit: runs that share one job (default 1)")
     p.add_argument("--published", type=dict[str, float | None], default={},
                    help="stage name → published top-1 (%%) it reproduces, shown beside ours")
     p.add_argument("--published_source", type=str | None, default=None,
@@ -142,7 +178,7 @@ def parse_spec(argv: list[str]) -> ExperimentSpec:
     spec = ExperimentSpec(
         name=cfg["name"],
         teacher=TeacherStage(**cfg["teacher"]),
-        scratch=Stage(**cfg["scratch"]),
+        scratch=Stage(**cfg["scratch"]) if cfg["scratch"] else None,
         kd=[Stage(**s) for s in cfg["kd"]],
         seeds=list(cfg["seeds"]),
         output_dir=cfg["output_dir"],
@@ -156,22 +192,64 @@ def parse_spec(argv: list[str]) -> ExperimentSpec:
         published=dict(cfg["published"] or {}),
         published_source=cfg["published_source"],
         source_dir=str(source) if source else None,
+        launcher=cfg["launcher"],
+        parallel=cfg["parallel"],
+        slurm=dict(cfg["slurm"] or {}),
+        runs_per_job=cfg["runs_per_job"],
+        grid_stages=list(cfg["grid_stages"]),
+        grid=dict(cfg["grid"] or {}),
+        search=cfg["search"],
     )
+    check_launch(spec)
     expand_grid(spec, dict(cfg["grid"] or {}))
     check_spec(spec)
+    if spec.search is not None:
+        from kd_lightning.experiment.search import parse_search
+
+        parse_search(spec)  # every mistake in the block, before anything trains
     return spec
 
 
-def expand_grid(spec: ExperimentSpec, grid: dict[str, list[Any]]) -> None:
-    """Replace each KD stage by one stage per combination of ``grid`` values (in place).
+def check_launch(spec: ExperimentSpec) -> None:
+    from kd_lightning.experiment.launch import LAUNCHERS
 
-    A stage ``kd`` with ``{model.init_args.temperature: [2, 4]}`` becomes ``kd-temperature=2``
-    and ``kd-temperature=4``, each with the value in its ``overrides``; ``seeds`` in the grid
-    sets the seeds, so finished runs, the table and mean ± std work as for hand-written stages.
+    if spec.launcher not in LAUNCHERS:
+        raise ConfigError("launcher", spec.launcher, f"use one of {list(LAUNCHERS)}")
+    if spec.parallel is not None and spec.parallel < 1:
+        raise ConfigError("parallel", spec.parallel, "give a number of runs at once >= 1")
+    if spec.runs_per_job < 1:
+        raise ConfigError("runs_per_job", spec.runs_per_job, "give a number of runs >= 1")
+    if spec.slurm and spec.launcher not in ("slurm", "submitit_local"):
+        raise ConfigError("slurm", spec.slurm, "slurm parameters need launcher: slurm (or "
+                          "submitit_local to try them here)")
+    if spec.slurm:
+        from kd_lightning.experiment.launch import slurm_parameters
+
+        slurm_parameters(spec.slurm)
+    bad = sorted(set(spec.grid_stages) - {"kd", "scratch"})
+    if bad or not spec.grid_stages:
+        raise ConfigError("grid_stages", spec.grid_stages, "list kd and/or scratch (a grid over "
+                          "the teacher is one experiment per teacher: write one spec each)")
+
+
+def expand_grid(spec: ExperimentSpec, grid: dict[str, list[Any]]) -> None:
+    """Replace each KD (and, with ``grid_stages: [scratch, kd]``, scratch) stage by one stage
+    per combination of ``grid`` values (in place).
+
+    A stage ``kd`` with ``{model.init_args.optimizer.init_args.lr: [0.002, 0.004]}`` becomes
+    ``kd-lr=0.002`` and ``kd-lr=0.004``, each with the value in its ``overrides``; ``seeds`` in
+    the grid sets the seeds, so finished runs, the table and mean ± std work as for
+    hand-written stages, and names stay the same from one invocation to the next. A numeric
+    key part indexes a list (``model.init_args.heads.1.init_args.temperature``): the stage's
+    list, read from its config files, is copied into the overrides with that one value changed
+    (a config fragment replaces a whole list).
     """
     grid = dict(grid)
     if "seeds" in grid:
-        spec.seeds = [int(s) for s in grid.pop("seeds")]
+        seeds = grid.pop("seeds")
+        if not isinstance(seeds, list) or not seeds:
+            raise ConfigError("grid.seeds", seeds, "give a non-empty list of seeds")
+        spec.seeds = [int(s) for s in seeds]
     for key, values in grid.items():
         if not values or not isinstance(values, list):
             raise ConfigError(f"grid.{key}", values, "give a non-empty list of values")
@@ -179,25 +257,96 @@ def expand_grid(spec: ExperimentSpec, grid: dict[str, list[Any]]) -> None:
             raise ConfigError("grid", key, "keys are dotted config keys, e.g. model.init_args.alpha")
     if not grid:
         return
-    stages = []
-    for stage in spec.kd:
-        for combo in itertools.product(*grid.values()):
-            overrides = copy.deepcopy(stage.overrides)
-            label = []
-            for key, value in zip(grid, combo, strict=True):
-                node = overrides
-                *parents, leaf = key.split(".")
-                for part in parents:
-                    node = node.setdefault(part, {})
-                    if not isinstance(node, dict):
-                        raise ConfigError(f"grid.{key}", value, f"{part} is not a mapping here")
-                node[leaf] = value
-                # a list or mapping value (a whole heads list …) is named by its position
-                shown = value if isinstance(value, str | int | float | bool) else grid[key].index(value)
-                label.append(f"{leaf}={shown}")
-            stages.append(Stage(name=f"{stage.name}-{'-'.join(label)}", configs=list(stage.configs),
-                                overrides=overrides))
-    spec.kd = stages
+    labels = grid_labels(list(grid))
+    if "kd" in spec.grid_stages:
+        spec.kd = [v for stage in spec.kd for v in _variants(spec, stage, grid, labels)]
+    if "scratch" in spec.grid_stages and spec.scratch is not None:
+        spec.scratch_grid = _variants(spec, spec.scratch, grid, labels)
+
+
+def grid_labels(keys: list[str]) -> dict[str, str]:
+    """The name part of each grid key: its last part, or the whole key where two collide."""
+    def leaf(key: str) -> str:
+        parts = [p for p in key.split(".") if not p.isdigit()]
+        return parts[-1] if parts else key
+
+    leaves = [leaf(k) for k in keys]
+    return {k: (leaf(k) if leaves.count(leaf(k)) == 1 else k) for k in keys}
+
+
+def _variants(spec: ExperimentSpec, stage: Stage, grid: dict[str, list[Any]],
+              labels: dict[str, str]) -> list[Stage]:
+    merged = stage_config(spec, stage)
+    out = []
+    for combo in itertools.product(*grid.values()):
+        overrides = copy.deepcopy(stage.overrides)
+        label = []
+        for key, value in zip(grid, combo, strict=True):
+            set_dotted(overrides, merged, key, value, f"grid.{key}")
+            # a list or mapping value (a whole heads list …) is named by its position
+            shown = value if isinstance(value, str | int | float | bool) else grid[key].index(value)
+            label.append(f"{labels[key]}={shown}")
+        out.append(Stage(name=f"{stage.name}-{'-'.join(label)}", configs=list(stage.configs),
+                         overrides=overrides))
+    return out
+
+
+def stage_config(spec: ExperimentSpec, stage: Stage | TeacherStage) -> dict[str, Any]:
+    """The stage's config files and fragments merged as the CLI applies them (mappings merge,
+    lists and values replace); only what a grid or search key needs to read lists from."""
+    import yaml
+
+    merged: dict[str, Any] = {}
+    paths = [*spec.base, *stage.configs]
+    for i, path in enumerate(paths):
+        data = yaml.safe_load(resolve_path(spec, path, f"configs[{i}]").read_text())
+        _merge(merged, data if isinstance(data, dict) else {})
+    _merge(merged, copy.deepcopy(spec.overrides))
+    _merge(merged, copy.deepcopy(stage.overrides))
+    return merged
+
+
+def _merge(into: dict[str, Any], data: dict[str, Any]) -> None:
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = copy.deepcopy(v)
+
+
+def set_dotted(overrides: dict[str, Any], merged: dict[str, Any], key: str, value: Any,
+               field_name: str) -> None:
+    """Write ``value`` at dotted ``key`` into the ``overrides`` fragment (see ``expand_grid``)."""
+    parts = key.split(".")
+    node: Any = overrides
+    ref: Any = merged
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = int(part) if part.isdigit() else -1
+            if not 0 <= idx < len(node):
+                raise ConfigError(field_name, value, f"{'.'.join(parts[:i])} has {len(node)} "
+                                  f"entries: index {part} is not one of them")
+            if last:
+                node[idx] = value
+                return
+            node, ref = node[idx], ref[idx] if isinstance(ref, list) and idx < len(ref) else None
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(field_name, value, f"{'.'.join(parts[:i])} is not a mapping here")
+        if last:
+            node[part] = value
+            return
+        ref_child = ref.get(part) if isinstance(ref, dict) else None
+        if parts[i + 1].isdigit():  # a list: start from the stage's own (fragments replace lists)
+            if not isinstance(node.get(part), list):
+                if not isinstance(ref_child, list):
+                    raise ConfigError(field_name, value, f"{'.'.join(parts[:i + 1])} is not a "
+                                      "list in this stage's configs: fix the key")
+                node[part] = copy.deepcopy(ref_child)
+        else:
+            node.setdefault(part, {})
+        node, ref = node[part], ref_child
 
 
 def check_spec(spec: ExperimentSpec) -> None:
@@ -208,7 +357,7 @@ def check_spec(spec: ExperimentSpec) -> None:
         raise ConfigError("seeds", spec.seeds, "give at least one seed, e.g. [0, 1, 2]")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise ConfigError("seeds", spec.seeds, "seeds repeat: each seed is one run, list it once")
-    if not spec.kd:
+    if not spec.kd and not spec.scratch_stages():
         raise ConfigError("kd", spec.kd, "give at least one KD stage")
     names = [s.name for _, s in spec.stages()]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -239,7 +388,7 @@ def check_spec(spec: ExperimentSpec) -> None:
 
 
 def _named_stages(spec: ExperimentSpec) -> list[tuple[str, Stage | TeacherStage]]:
-    return [("teacher", spec.teacher), ("scratch", spec.scratch),
+    return [("teacher", spec.teacher), *(("scratch", s) for s in spec.scratch_stages()),
             *((f"kd[{i}]", s) for i, s in enumerate(spec.kd))]
 
 
