@@ -218,6 +218,26 @@ class PromptCompletionDataModule(L.LightningDataModule):
             lens.append(len(p))
         return {"input_ids": ids, "prompt_len": lens}
 
+    def replace_completions(self, split: str, completions: list[list[int]]) -> None:
+        """Train on these completions (sequence-level KD): row i keeps its prompt and gets
+        ``completions[i]``, cut to ``max_length``."""
+        import datasets
+
+        ds = self.splits[split]
+        if len(completions) != len(ds):
+            raise ConfigError(
+                "model.sequence_kd.path",
+                len(completions),
+                f"{len(ds)} {split} rows but this many stored completions",
+            )
+        ids = [
+            (row["input_ids"][: row["prompt_len"]] + c)[: self.max_length]
+            for row, c in zip(ds, completions)
+        ]
+        self.splits[split] = datasets.Dataset.from_dict(
+            {"input_ids": ids, "prompt_len": list(ds["prompt_len"])}
+        )
+
     def generation_pairs(self, split: str, n: int) -> list[tuple[list[int], str]]:
         """The first ``n`` (prompt ids, reference completion) of ``split``, for ROUGE-L."""
         self.setup()

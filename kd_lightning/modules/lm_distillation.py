@@ -28,7 +28,9 @@ sequences and the token count of the step is the generated completion tokens.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +95,41 @@ class OnPolicySpec:
         digest = hashlib.sha256(f"{self.seed}:{epoch}:{batch_idx}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         return bool(torch.rand((), generator=g) < self.lmbda)
+
+
+@dataclass
+class SequenceKDSpec:
+    """Sequence-level KD (Kim & Rush 2016; ``model.sequence_kd``): the teacher completes
+    every training prompt once, the completions are stored at ``path`` and the student is
+    trained on them in place of the dataset's, reused by every later run whose key (teacher
+    fingerprint, tokenizer, training prompts, temperature, top_p, max_new_tokens, seed)
+    matches; a stored file with another key is refused unless ``regenerate``.
+
+    Args:
+        path: the ``.pt`` file of the teacher's completions.
+        temperature, top_p, max_new_tokens: the teacher's sampling (temperature 0: greedy).
+        seed: of the sampling RNG (the run's own RNG is left as it was).
+        generation_batch_size: prompts per ``generate`` call.
+        regenerate: replace a stored file whose key differs.
+    """
+
+    path: str = "data/llm/sequence_kd/teacher_generations.pt"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    seed: int = 0
+    generation_batch_size: int = 32
+    regenerate: bool = False
+
+
+def sequence_kd_key(fingerprints: Any, tokenizer: str | None, spec: SequenceKDSpec, train) -> str:
+    """What the stored teacher generations depend on."""
+    prompts = hashlib.sha256()
+    for row in train:
+        prompts.update(json.dumps(row["input_ids"][: row["prompt_len"]]).encode())
+    settings = [spec.temperature, spec.top_p, spec.max_new_tokens, spec.seed]
+    payload = json.dumps([fingerprints, tokenizer, prompts.hexdigest(), settings], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def prompt_lengths(batch: dict[str, Tensor]) -> Tensor:
@@ -434,6 +471,7 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         lora: ``LoRASpec``: LoRA adapters on the student (``peft``); only they train and
             only they (and any trainable head) are saved; the frozen base is rebuilt from
             ``student``/``init_from_teacher`` and checked against a fingerprint on load.
+        sequence_kd: ``SequenceKDSpec``: train on the teacher's stored completions.
         on_policy: ``OnPolicySpec``: with probability ``lmbda`` per batch the student
             generates the completions it is trained on (see the module docstring).
         allow_teacher_change, num_classes, input_shape, vocab_sizes, generate_samples,
@@ -463,12 +501,13 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         max_new_tokens: int = 48,
         on_policy: OnPolicySpec | None = None,
         lora: LoRASpec | None = None,
+        sequence_kd: SequenceKDSpec | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "allow_teacher_change"])
-        self.on_policy = on_policy
+        self.on_policy, self.sequence_kd = on_policy, sequence_kd
         if on_policy is not None:
             on_policy.check()
         self.allow_teacher_change = allow_teacher_change
@@ -548,12 +587,19 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         return (eos if pad is None else pad), eos
 
     @torch.no_grad()
-    def generate_completions(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The batch's prompts completed by the student (see ``OnPolicySpec``)."""
-        spec = self.on_policy
+    def sample(
+        self,
+        model: nn.Module,
+        batch: dict[str, Tensor],
+        spec: OnPolicySpec | SequenceKDSpec,
+        field: str,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(prompts, completions) of ``batch``'s rows, completed by ``model`` through
+        ``generate`` (KV cache) at ``spec``'s temperature/top_p/length, left-padded in
+        chunks of ``spec.generation_batch_size``, each completion cut after its first EOS."""
         pad, eos = self.special_ids()
         if pad is None:
-            raise ConfigError("model.on_policy", spec, "the tokenizer has neither pad nor EOS")
+            raise ConfigError(field, spec, "the tokenizer has neither a pad nor an EOS token")
         ids, attention = left_padded_prompts(batch, pad)
         kwargs: dict[str, Any] = {
             "max_new_tokens": spec.max_new_tokens,
@@ -565,27 +611,83 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
             kwargs.update(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        rows = self.student.get_output_embeddings().weight.shape[0]
+        rows = model.get_output_embeddings().weight.shape[0]
         if rows > self.real_vocab:  # a padded table: never sample a token the tokenizer lacks
             kwargs["suppress_tokens"] = list(range(self.real_vocab, rows))
-        size = self.on_policy.generation_batch_size or len(ids)
-        was_training = self.student.training
-        self.student.eval()  # no dropout while sampling
+        size = spec.generation_batch_size or len(ids)
+        was_training = model.training
+        model.eval()  # no dropout while sampling
         generated: list[Tensor] = []
         try:
             for start in range(0, len(ids), size):
                 chunk, chunk_attention = ids[start : start + size], attention[start : start + size]
                 cut = int((chunk_attention.sum(0) == 0).sum())  # this chunk's all-pad columns
-                out = self.student.generate(
+                out = model.generate(
                     input_ids=chunk[:, cut:], attention_mask=chunk_attention[:, cut:], **kwargs
                 )
                 generated.extend(out[:, chunk.shape[1] - cut :])
         finally:
-            nn.Module.train(self.student, was_training)
+            nn.Module.train(model, was_training)
         lens = prompt_lengths(batch).tolist()
         prompts = [batch["input_ids"][i, :n] for i, n in enumerate(lens)]
-        completions = [g[completion_mask(g[None], eos)[0]] for g in generated]
-        return pack_sequences(prompts, completions, pad)
+        return prompts, [g[completion_mask(g[None], eos)[0]] for g in generated]
+
+    def generate_completions(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's prompts completed by the student (see ``OnPolicySpec``)."""
+        prompts, completions = self.sample(self.student, batch, self.on_policy, "model.on_policy")
+        return pack_sequences(prompts, completions, self.special_ids()[0])
+
+    # -- sequence-level KD: the teacher's completions, generated once and stored -------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        spec = self.sequence_kd
+        dm = getattr(self._trainer, "datamodule", None)
+        if spec is None:
+            return
+        if dm is None or not hasattr(dm, "replace_completions"):
+            raise ConfigError(
+                "model.sequence_kd", spec, "it needs a PromptCompletionDataModule (data.*)"
+            )
+        train = dm.splits["train"]
+        key = sequence_kd_key(self.teacher_fingerprints, dm.tokenizer_digest, spec, train)
+        path = Path(spec.path)
+        if self.trainer.is_global_zero:
+            stored = torch.load(path, weights_only=True) if path.is_file() else None
+            if stored is not None and stored["key"] != key and not spec.regenerate:
+                raise ConfigError(
+                    "model.sequence_kd.path",
+                    spec.path,
+                    "it holds teacher generations of another teacher, tokenizer, prompts or "
+                    f"sampling settings ({stored['settings']}); set "
+                    "model.sequence_kd.regenerate: true to replace them, or give another path",
+                )
+            if stored is None or stored["key"] != key:
+                self._write_teacher_generations(path, key, spec, dm)
+        self.trainer.strategy.barrier()
+        stored = torch.load(path, weights_only=True)
+        if stored["key"] != key:  # another rank's or process's file: never train on it
+            raise ConfigError("model.sequence_kd.path", spec.path, "it changed while loading")
+        dm.replace_completions("train", stored["completions"])
+
+    def _write_teacher_generations(self, path, key, spec, dm) -> None:
+        from kd_lightning.data.lm import PromptCompletionCollator
+
+        collate = PromptCompletionCollator(self.special_ids()[0])
+        train, out = dm.splits["train"], []
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the seed fixes the samples, not the run
+            torch.manual_seed(spec.seed)
+            step = max(spec.generation_batch_size, 1)
+            for start in range(0, len(train), step):
+                rows = [train[k] for k in range(start, min(start + step, len(train)))]
+                batch = {k: v.to(self.device) for k, v in collate(rows).items()}
+                _, completions = self.sample(self.teacher, batch, spec, "model.sequence_kd")
+                out.extend(c.tolist() for c in completions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: getattr(spec, k) for k in ("temperature", "top_p", "max_new_tokens", "seed")}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save({"key": key, "settings": settings, "completions": out}, tmp)
+        tmp.replace(path)  # a crash mid-write leaves no half file under the real name
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         on_policy = self.on_policy is not None and self.on_policy.draw(
@@ -681,6 +783,7 @@ __all__ = [
     "LMDistillationModule",
     "LoRASpec",
     "OnPolicySpec",
+    "SequenceKDSpec",
     "build_lm_teacher",
     "completion_mask",
     "left_padded_prompts",
