@@ -4,8 +4,9 @@ An eval-mode BatchNorm is an affine map per channel, so ``bn(conv(x))`` equals o
 convolution with rescaled weights and a bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``);
 a frozen teacher then skips one full pass over every feature map. The fold is done *in
 place*: the convolution's weight and bias are replaced and the BatchNorm becomes an
-``nn.Identity`` under the same name, so every module path (feature taps, hooks) still
-exists and a tap on the BatchNorm's output still sees the same tensor.
+``nn.Identity`` under the same name (timm's ``BatchNormAct2d``: its activation alone), so
+every module path (feature taps, hooks) still exists and a tap on the BatchNorm's output
+still sees the same tensor.
 
 Which convolution feeds which BatchNorm is read from a ``torch.fx`` trace; where a model
 cannot be traced (data-dependent control flow in some ``tv:``/``timm:``/``hf:`` models),
@@ -66,26 +67,35 @@ def fold_batchnorm(
         return _logged(model, report)
     protected_outputs, protected_inputs = set(), set()
     for name in keep:
-        path, is_input = (name[: -len(":input")], True) if name.endswith(":input") else (name, False)
+        path, is_input = (
+            (name[: -len(":input")], True) if name.endswith(":input") else (name, False)
+        )
         (protected_inputs if is_input else protected_outputs).add(path)
     try:
         pairs, report.method = _pairs_from_trace(model), "fx"
     except Exception as err:  # noqa: BLE001 - any tracing failure: fall back, never fail a fit
         pairs, report.method = _pairs_from_sequentials(model), "sequential"
-        log.debug("fx could not trace %s (%s); folding nn.Sequential pairs only", _label(model), err)
+        log.debug(
+            "fx could not trace %s (%s); folding nn.Sequential pairs only", _label(model), err
+        )
     modules = dict(model.named_modules(remove_duplicate=False))
     counts: dict[int, int] = {}
     for m in modules.values():
         counts[id(m)] = counts.get(id(m), 0) + 1
     pairs = [
-        (a, b) for a, b in pairs
-        if a not in protected_outputs and b not in protected_inputs
-        and counts[id(modules[a])] == 1 and counts[id(modules[b])] == 1
+        (a, b)
+        for a, b in pairs
+        if a not in protected_outputs
+        and b not in protected_inputs
+        and counts[id(modules[a])] == 1
+        and counts[id(modules[b])] == 1
         and _foldable(modules[a], modules[b])
     ]
     if not pairs:
         report.method = "none"
-        report.skipped = "no BatchNorm directly follows a convolution or linear layer it can fold into"
+        report.skipped = (
+            "no BatchNorm directly follows a convolution or linear layer it can fold into"
+        )
         return _logged(model, report)
 
     inputs = _random_like(example_inputs) if example_inputs is not None else None
@@ -96,14 +106,46 @@ def fold_batchnorm(
         if problem:
             for restore in reversed(undo):
                 restore()
-            report.method, report.skipped = "none", f"folding changed the outputs ({problem}); undone"
+            report.method, report.skipped = (
+                "none",
+                f"folding changed the outputs ({problem}); undone",
+            )
             return _logged(model, report)
     report.folded = pairs
     return _logged(model, report)
 
 
+class _Tracer(torch.fx.Tracer):
+    """Keeps every BatchNorm a leaf, subclasses too (timm's ``BatchNormAct2d``)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BN) or super().is_leaf_module(m, qualname)
+
+
+class _AfterNorm(nn.Module):
+    """What is left of timm's ``BatchNormAct2d`` once its normalisation is folded: its
+    ``drop`` and ``act`` children, under the same names."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(x))
+
+
+def _residue(bn: nn.Module) -> nn.Module | None:
+    """The module that replaces a folded BatchNorm, or None for a kind we cannot fold."""
+    if type(bn) in _BN:
+        return nn.Identity()
+    children = dict(bn.named_children())
+    if type(bn).__name__ == "BatchNormAct2d" and set(children) == {"drop", "act"}:
+        return _AfterNorm(children["drop"], children["act"])
+    return None  # a subclass with a forward of its own: unknown
+
+
 def _pairs_from_trace(model: nn.Module) -> list[tuple[str, str]]:
-    graph = torch.fx.symbolic_trace(model).graph
+    graph = _Tracer().trace(model)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -115,10 +157,12 @@ def _pairs_from_trace(model: nn.Module) -> list[tuple[str, str]]:
             continue
         src = node.args[0] if node.args else None
         if (
-            isinstance(src, torch.fx.Node) and src.op == "call_module"
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
             and isinstance(modules.get(src.target), (*_CONV, nn.Linear))
             and len(src.users) == 1  # the conv's output feeds the BatchNorm and nothing else
-            and calls[src.target] == 1 and calls[node.target] == 1
+            and calls[src.target] == 1
+            and calls[node.target] == 1
         ):
             pairs.append((src.target, node.target))
     return pairs
@@ -138,9 +182,16 @@ def _pairs_from_sequentials(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
+    if _residue(bn) is None:
+        return False
     if bn.training or bn.running_mean is None or bn.running_var is None:
         return False  # batch statistics: not an affine map
-    if layer._forward_hooks or layer._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks:
+    if (
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or bn._forward_hooks
+        or bn._forward_pre_hooks
+    ):
         return False  # someone watches these modules' values
     if isinstance(layer, nn.Linear):
         return isinstance(bn, nn.BatchNorm1d) and layer.out_features == bn.num_features
@@ -161,7 +212,7 @@ def _fold_pair(model: nn.Module, modules: dict[str, nn.Module], a: str, b: str):
     layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
     parent_name, _, child = b.rpartition(".")
     parent = model.get_submodule(parent_name)
-    setattr(parent, child, nn.Identity())
+    setattr(parent, child, _residue(bn))
 
     def undo() -> None:
         layer.weight, layer.bias = old_weight, old_bias
@@ -173,7 +224,9 @@ def _fold_pair(model: nn.Module, modules: dict[str, nn.Module], a: str, b: str):
 def _random_like(inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     return tuple(
-        torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device) if x.is_floating_point() else x
+        torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+        if x.is_floating_point()
+        else x
         for x in inputs
     )
 
@@ -181,7 +234,13 @@ def _random_like(inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
 @torch.no_grad()
 def _outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
     out = model(*inputs)
-    flat = list(out.values()) if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else [out]
+    flat = (
+        list(out.values())
+        if isinstance(out, Mapping)
+        else out
+        if isinstance(out, (tuple, list))
+        else [out]
+    )
     return [t.detach().float() for t in flat if isinstance(t, Tensor)]
 
 
@@ -204,7 +263,12 @@ def _label(model: nn.Module) -> str:
 
 def _logged(model: nn.Module, report: FoldReport) -> FoldReport:
     if report.folded:
-        log.info("folded %d BatchNorm(s) of teacher %s (%s)", len(report.folded), _label(model), report.method)
+        log.info(
+            "folded %d BatchNorm(s) of teacher %s (%s)",
+            len(report.folded),
+            _label(model),
+            report.method,
+        )
     elif report.skipped:
         log.info("teacher %s: BatchNorm not folded: %s", _label(model), report.skipped)
     return report
