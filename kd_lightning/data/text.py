@@ -365,15 +365,17 @@ class TextDataModule(ResumableTrainOrder, L.LightningDataModule):
     """Base class of the text DataModules (see the module docstring).
 
     Args:
-        data_dir: where the data and the tokenizer cache live.
+        data_dir: where the data, the tokenizer folders (``tokenizers/``) and the token-id
+            cache (``text_cache/``) live.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         seed: seed of the splits the DataModule draws itself (independent of the
             training seed).
         max_length: most tokens per text, ``[CLS]`` and ``[SEP]`` included (at least 3).
-        tokenizer: ``wordpiece`` (trained on the train split, cached), a tokenizers
-            ``.json`` file, or a Hugging Face tokenizer name/path (e.g. ``bert-base-uncased``).
+        tokenizer: ``wordpiece`` (trained on the train split, saved as a tokenizer
+            folder), a tokenizers ``.json`` file, or a Hugging Face tokenizer name/folder
+            (e.g. ``bert-base-uncased``).
         vocab_size: WordPiece vocabulary size (``tokenizer: wordpiece`` only; the size the
             model's embedding gets).
         student_tokenizer: a second tokenizer for the student, as ``tokenizer``; batches then
