@@ -200,10 +200,15 @@ class OptunaPruning(_Base):  # type: ignore[misc, valid-type]
         monitor: the metric reported after every validation, e.g. ``val/acc``.
     """
 
-    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str = "val/acc") -> None:
+    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str = "val/acc",
+                 pruner: dict[str, Any] | None = None) -> None:
         import optuna
 
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        # the pruner is not kept in the storage: a study loaded without it would use Optuna's
+        # default (MedianPruner) in should_prune()
+        rule = make_pruner(SearchSpec(parameters={}, n_trials=1, stage="", kind="",
+                                      pruner=dict(pruner or {"name": "median"})))
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=rule)
         super().__init__(optuna.trial.Trial(study, trial_id), monitor=monitor)
 
 
@@ -252,7 +257,7 @@ def run_search(experiment: Any, teacher: dict[str, Any], teacher_dir: Path) -> d
         trial.set_user_attr("run_dir", str(run_dir.relative_to(out)))
         pruning = {"class_path": f"{OptunaPruning.__module__}.{OptunaPruning.__qualname__}",
                    "init_args": {"storage": url, "study_name": name, "trial_id": trial._trial_id,
-                                 "monitor": search.metric}}
+                                 "monitor": search.metric, "pruner": search.pruner}}
         planned = experiment._student_job(search.kind, stage, search.seed, teacher, teacher_dir,
                                           [f"--trainer.callbacks+={json.dumps(pruning)}"])
         t0 = time.perf_counter()
