@@ -58,3 +58,17 @@ def test_lm_teachers_with_weights_are_not_marked(tmp_path):
     assert weighted.teacher.kd_untrained is None
     decoder.save_pretrained(tmp_path / "hf")  # from_pretrained loads trained weights
     assert _kd(TeacherSpec(model=f"hf:{tmp_path / 'hf'}")).teacher.kd_untrained is None
+
+
+def test_switching_the_cli_teacher_to_an_untrained_model_is_refused_in_one_line(tmp_path, monkeypatch):
+    # a new user's way from the quickstart's checkpoint teacher to a named model: before,
+    # `checkpoint=null` reached the module as the string 'None' (a missing file "None")
+    from kd_lightning.cli import main
+    from tests.conftest import CONFIGS, DEBUG_TRAINER
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        main(["fit", "-c", str(CONFIGS / "quickstart" / "kd.yaml"), *DEBUG_TRAINER,
+              "--model.teacher.checkpoint=null", "--model.teacher.model=lenet5"])
+    assert info.value.field == "model.teacher.model" and "allow_untrained: true" in str(info.value)
+    assert "\n" not in str(info.value)

@@ -42,6 +42,13 @@ class TeacherSpec:
     weight: float = 1.0
     allow_untrained: bool = False
 
+    def __post_init__(self) -> None:
+        # jsonargparse 4.x turns `--model.teacher.checkpoint=null` inside a model's init_args
+        # into the string 'None', which then reads as a missing file named None
+        for name in ("checkpoint", "model", "weights"):
+            if getattr(self, name) in ("None", "null"):
+                setattr(self, name, None)
+
 
 def _load_file(path: str, field_name: str) -> Any:
     return read_checkpoint(
