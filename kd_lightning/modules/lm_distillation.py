@@ -544,6 +544,15 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
                     f"head {h.name!r} needs the full logits; set chunk_size: 0",
                 )
             h.chunk_size = self.chunk_size
+        lmbda = on_policy.lmbda if on_policy is not None else 0.0
+        for h in self.heads:
+            if getattr(h, "needs_on_policy", False) and lmbda < 1:
+                raise ConfigError(
+                    "model.on_policy.lmbda",
+                    lmbda,
+                    f"head {h.name!r} is a policy gradient on the student's own samples: "
+                    "set model.on_policy: {lmbda: 1}",
+                )
         self._hidden = any(isinstance(h, TokenHead) and not h.chunkable for h in self.heads)
         self.val_sums, self.test_sums = self._eval_sums(), self._eval_sums()
 
