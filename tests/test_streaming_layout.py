@@ -16,6 +16,7 @@ import torch
 
 from kd_lightning.cli import main
 from kd_lightning.data.streaming import StreamingImageDataModule, items_per_chunk
+from kd_lightning.errors import ConfigError
 from tests.helpers.jpeg_tree import write_jpeg_tree
 
 
@@ -66,3 +67,10 @@ def test_chunk_size_follows_chunk_bytes_from_the_inputs_alone(tree, tmp_path):
     two = _optimize(tree, tmp_path / "b2", 2, "--chunk_bytes", str(math.ceil(5 * mean)))
     assert [c["chunk_size"] for c in one["chunks"]] == [5, 5, 5, 3]
     assert _chunks(tmp_path / "b1", one) == _chunks(tmp_path / "b2", two)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--chunk_bytes", "lots"), ("--chunk_size", "0")])
+def test_bad_chunk_flags_are_one_line(tree, tmp_path, flag, value):
+    with pytest.raises(ConfigError, match=f"{flag}=") as info:
+        _optimize(tree, tmp_path / "bad", 1, flag, value)
+    assert "\n" not in str(info.value)
