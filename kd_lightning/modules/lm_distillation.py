@@ -27,11 +27,13 @@ sequences and the token count of the step is the generated completion tokens.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,16 @@ class OnPolicySpec:
         generation_batch_size: prompts per ``generate`` call (0: the whole micro-batch), so
             the KV cache's memory does not grow with the micro-batch.
         seed: of the per-batch λ draw.
+        schedule: ``gkd`` (a fixed λ) or ``adaptive``: DistiLLM's adaptive off-policy
+            schedule (Ko et al. 2024; λ unused): a threshold p starts at ``init_threshold``
+            and rises by 0.1 (at most 1) whenever the validation NLL rose by ``loss_eps``
+            or more; per batch, with u ~ U(0, 1): u < p·ρ(step), or u < p while the replay
+            buffer holds fewer than ``capacity`` rows: the student generates (and the rows
+            enter the buffer); else u < p: a batch is drawn from the buffer; else the
+            dataset's batch. ρ = ``replay_ratio``: ``decreasing`` 1 − step/total,
+            ``constant`` 0.5, ``increasing`` step/total. jongwooko/distillm@d47e77f
+            finetune.py L291-L323 and L412-L417; defaults arguments.py L186-L192. The
+            buffer is not checkpointed (p and the last loss are).
     """
 
     lmbda: float = 0.0
@@ -74,6 +86,11 @@ class OnPolicySpec:
     max_new_tokens: int = 32
     generation_batch_size: int = 0
     seed: int = 0
+    schedule: Literal["gkd", "adaptive"] = "gkd"
+    init_threshold: float = 0.0
+    loss_eps: float = 0.1
+    capacity: int = 1000
+    replay_ratio: Literal["decreasing", "constant", "increasing"] = "decreasing"
 
     def check(self) -> None:
         if not 0.0 <= self.lmbda <= 1.0:
@@ -82,19 +99,55 @@ class OnPolicySpec:
             raise ConfigError(
                 "model.on_policy", self, "use temperature >= 0 (0: greedy) and 0 < top_p <= 1"
             )
+        if self.schedule == "adaptive" and (
+            not 0 <= self.init_threshold <= 1 or self.capacity < 1 or self.loss_eps < 0
+        ):
+            raise ConfigError(
+                "model.on_policy",
+                self,
+                "use 0 <= init_threshold <= 1, capacity >= 1, loss_eps >= 0",
+            )
         if self.max_new_tokens < 1 or self.generation_batch_size < 0:
             raise ConfigError(
                 "model.on_policy", self, "use max_new_tokens >= 1, generation_batch_size >= 0"
             )
 
-    def draw(self, epoch: int, batch_idx: int) -> bool:
-        """Whether this batch is generated: deterministic in (seed, epoch, batch), so a
-        rerun (and every DDP rank) makes the same choices."""
-        if self.lmbda <= 0 or self.lmbda >= 1:
-            return self.lmbda >= 1
+    def uniform(self, epoch: int, batch_idx: int) -> float:
+        """u ~ U(0, 1), deterministic in (seed, epoch, batch): a rerun (and every DDP rank)
+        makes the same choices."""
         digest = hashlib.sha256(f"{self.seed}:{epoch}:{batch_idx}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-        return bool(torch.rand((), generator=g) < self.lmbda)
+        return float(torch.rand((), generator=g, dtype=torch.float64))
+
+    def draw(self, epoch: int, batch_idx: int) -> bool:
+        """Whether this batch is generated (GKD's λ)."""
+        if self.lmbda <= 0 or self.lmbda >= 1:
+            return self.lmbda >= 1
+        return self.uniform(epoch, batch_idx) < self.lmbda
+
+
+def adaptive_action(
+    u: float, threshold: float, step: int, total: int, buffered: int, capacity: int, ratio: str
+) -> Literal["generate", "replay", "dataset"]:
+    """DistiLLM's per-batch choice (finetune.py L291-L323)."""
+    frac = step / max(total, 1)
+    samp = threshold * {"constant": 0.5, "increasing": frac, "decreasing": 1 - frac}[ratio]
+    if u < samp or (u < threshold and buffered < capacity):
+        return "generate"
+    return "replay" if u < threshold else "dataset"
+
+
+def adaptive_threshold_update(
+    threshold: float, previous: float | None, current: float, eps: float
+) -> tuple[float, float]:
+    """DistiLLM's threshold step after an evaluation (finetune.py L412-L417): up by 0.1
+    (at most 1) when the loss rose by ``eps`` or more; the reference loss moves only then.
+    The first evaluation sets the reference (theirs evaluates once before training)."""
+    if previous is None:
+        return threshold, current
+    if current >= previous + eps:
+        return min(threshold + 0.1, 1.0), current
+    return threshold, previous
 
 
 @dataclass
@@ -508,6 +561,13 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "allow_teacher_change"])
         self.on_policy, self.sequence_kd = on_policy, sequence_kd
+        adaptive = on_policy is not None and on_policy.schedule == "adaptive"
+        #: DistiLLM's adaptive schedule: threshold, reference loss, replay buffer of rows
+        self._threshold = on_policy.init_threshold if adaptive else 0.0
+        self._previous_loss: float | None = None
+        self._replay: collections.deque = collections.deque(
+            maxlen=on_policy.capacity if adaptive else 1
+        )
         if on_policy is not None:
             on_policy.check()
         self.allow_teacher_change = allow_teacher_change
@@ -544,7 +604,7 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
                     f"head {h.name!r} needs the full logits; set chunk_size: 0",
                 )
             h.chunk_size = self.chunk_size
-        lmbda = on_policy.lmbda if on_policy is not None else 0.0
+        lmbda = on_policy.lmbda if on_policy is not None and not adaptive else 0.0
         for h in self.heads:
             if getattr(h, "needs_on_policy", False) and lmbda < 1:
                 raise ConfigError(
@@ -698,13 +758,51 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         torch.save({"key": key, "settings": settings, "completions": out}, tmp)
         tmp.replace(path)  # a crash mid-write leaves no half file under the real name
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        on_policy = self.on_policy is not None and self.on_policy.draw(
-            self.current_epoch, batch_idx
+    def policy_action(self, batch_idx: int) -> str:
+        """``generate``, ``replay`` or ``dataset`` for this batch (see ``OnPolicySpec``)."""
+        spec = self.on_policy
+        if spec is None:
+            return "dataset"
+        if spec.schedule == "gkd":
+            return "generate" if spec.draw(self.current_epoch, batch_idx) else "dataset"
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        return adaptive_action(
+            spec.uniform(self.current_epoch, batch_idx),
+            self._threshold,
+            self.global_step,
+            int(total) if total != float("inf") else 1,
+            len(self._replay),
+            spec.capacity,
+            spec.replay_ratio,
         )
-        if on_policy:
+
+    def _to_replay(self, batch: dict[str, Tensor]) -> None:
+        for ids, labels, n in zip(
+            batch["input_ids"], batch["labels"], batch["attention_mask"].sum(1).tolist()
+        ):
+            completion = labels[:n] != -100
+            self._replay.append((ids[:n][~completion].cpu(), ids[:n][completion].cpu()))
+
+    def _from_replay(self, size: int, batch_idx: int) -> dict[str, Tensor]:
+        spec = self.on_policy
+        rng = random.Random(f"{spec.seed}:replay:{self.current_epoch}:{batch_idx}")
+        rows = rng.sample(list(self._replay), k=min(size, len(self._replay)))
+        return pack_sequences(
+            [p.to(self.device) for p, _ in rows],
+            [c.to(self.device) for _, c in rows],
+            self.special_ids()[0],
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        action = self.policy_action(batch_idx)
+        on_policy = action != "dataset"
+        if action == "generate":
             # the loss, the teacher and the token count all read the generated sequences
             batch = self.generate_completions(batch)
+            if self.on_policy.schedule == "adaptive":
+                self._to_replay(batch)
+        elif action == "replay":
+            batch = self._from_replay(len(batch["input_ids"]), batch_idx)
         teacher = self.teacher_output(batch)
         student = self.lm_output(self.student, batch, hidden=self._hidden)
         total, terms = None, {}
@@ -729,6 +827,17 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
     def trained_model(self) -> nn.Module:
         return self.student
 
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        spec = self.on_policy
+        if spec is None or spec.schedule != "adaptive" or self.trainer.sanity_checking:
+            return
+        nll = self.trainer.callback_metrics.get("val/nll")
+        if nll is not None:
+            self._threshold, self._previous_loss = adaptive_threshold_update(
+                self._threshold, self._previous_loss, float(nll), spec.loss_eps
+            )
+
     # -- LoRA checkpoints: the adapters only ----------------------------------------------------
     def _frozen_student_keys(self) -> set[str]:
         return {f"student.{n}" for n, p in self.student.named_parameters() if not p.requires_grad}
@@ -745,6 +854,7 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        checkpoint["kd_adaptive_schedule"] = [self._threshold, self._previous_loss]
         if self.lora is None:
             return
         frozen = self._frozen_student_keys()
@@ -755,6 +865,8 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        if "kd_adaptive_schedule" in checkpoint:
+            self._threshold, self._previous_loss = checkpoint["kd_adaptive_schedule"]
         saved = checkpoint.get("kd_lora_base")
         if self.lora is None and saved is None:
             return
@@ -793,6 +905,8 @@ __all__ = [
     "LoRASpec",
     "OnPolicySpec",
     "SequenceKDSpec",
+    "adaptive_action",
+    "adaptive_threshold_update",
     "build_lm_teacher",
     "completion_mask",
     "left_padded_prompts",
