@@ -24,9 +24,16 @@ from tests.conftest import CONFIGS
 ROOT = CONFIGS.parent
 #: debug-sized runs (as configs/experiments/smoke.yaml): 1 epoch of 2 batches, 250 val/test digits
 TINY = {
-    "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2,
-                "limit_val_batches": 1, "limit_test_batches": 1, "num_sanity_val_steps": 0,
-                "enable_model_summary": False},
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "limit_test_batches": 1,
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+    },
     "data": {"init_args": {"val_fraction": 0.05, "test_fraction": 0.05, "eval_batch_size": 250}},
 }
 TEMPERATURE = "model.init_args.heads.1.init_args.temperature"
@@ -34,7 +41,10 @@ TEMPERATURE = "model.init_args.heads.1.init_args.temperature"
 
 def _spec(tmp: Path, name: str, **fields) -> Path:
     data = {
-        "name": name, "plots": False, "output_dir": str(tmp / name), "overrides": TINY,
+        "name": name,
+        "plots": False,
+        "output_dir": str(tmp / name),
+        "overrides": TINY,
         "teacher": {"configs": [str(CONFIGS / "quickstart" / "teacher.yaml")]},
         "kd": [{"name": "kd", "configs": [str(CONFIGS / "quickstart" / "kd.yaml")]}],
         **fields,
@@ -46,44 +56,101 @@ def _spec(tmp: Path, name: str, **fields) -> Path:
 
 def test_grid_over_list_entries_and_scratch_keeps_names(tmp_path: Path) -> None:
     lr = "model.init_args.optimizer.init_args.lr"
-    path = _spec(tmp_path, "g", grid={"seeds": [3, 4], lr: [0.001, 0.004]},
-                 grid_stages=["scratch", "kd"],
-                 scratch={"name": "scratch", "configs": [str(CONFIGS / "quickstart" / "scratch.yaml")]})
+    path = _spec(
+        tmp_path,
+        "g",
+        grid={"seeds": [3, 4], lr: [0.001, 0.004]},
+        grid_stages=["scratch", "kd"],
+        scratch={"name": "scratch", "configs": [str(CONFIGS / "quickstart" / "scratch.yaml")]},
+    )
     spec = parse_spec(["-c", str(path)])
     names = [s.name for _, s in spec.stages()]
-    assert names == ["teacher", "scratch-lr=0.001", "scratch-lr=0.004", "kd-lr=0.001", "kd-lr=0.004"]
+    assert names == [
+        "teacher",
+        "scratch-lr=0.001",
+        "scratch-lr=0.004",
+        "kd-lr=0.001",
+        "kd-lr=0.004",
+    ]
     assert [s.name for _, s in parse_spec(["-c", str(path)]).stages()] == names  # stable names
     assert spec.seeds == [3, 4]
-    assert spec.scratch_grid[1].overrides["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.004
+    assert (
+        spec.scratch_grid[1].overrides["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+        == 0.004
+    )
 
     spec = parse_spec(["-c", str(_spec(tmp_path, "t", grid={TEMPERATURE: [2.0, 8.0]}))])
     kd = [s for k, s in spec.stages() if k == "kd"]
     assert [s.name for s in kd] == ["kd-temperature=2.0", "kd-temperature=8.0"]
     heads = kd[1].overrides["model"]["init_args"]["heads"]
     # the whole list, from configs/quickstart/kd.yaml, with only the KL temperature changed
-    assert heads[0] == {"class_path": "kd_lightning.losses.CrossEntropy", "init_args": {"weight": 0.1}}
+    assert heads[0] == {
+        "class_path": "kd_lightning.losses.CrossEntropy",
+        "init_args": {"weight": 0.1},
+    }
     assert heads[1]["init_args"] == {"weight": 0.9, "temperature": 8.0}
 
 
-@pytest.mark.parametrize(("fields", "field"), [
-    ({"launcher": "kubernetes"}, "launcher"),
-    ({"launcher": "local", "parallel": 0}, "parallel"),
-    ({"launcher": "submitit_local", "slurm": {"partitionn": "gpu"}}, "slurm.partitionn"),
-    ({"grid_stages": ["teacher"]}, "grid_stages"),
-    ({"grid": {"model.init_args.heads.5.init_args.temperature": [2.0]}},
-     "grid.model.init_args.heads.5.init_args.temperature"),
-    ({"search": {"n_trials": 2, "parameters": {"model.init_args.optimizer.init_args.lr":
-                                                {"type": "lognormal", "low": 1, "high": 2}}}},
-     "search.parameters.model.init_args.optimizer.init_args.lr.type"),
-    ({"search": {"n_trials": 2, "parameters": {"model.init_args.optimizer.init_args.lr":
-                                                {"type": "float", "low": 0.1, "high": 0.01}}}},
-     "search.parameters.model.init_args.optimizer.init_args.lr.low"),
-    ({"search": {"n_trials": 2, "stage": "nope", "parameters": {"trainer.max_epochs": [1]}}},
-     "search.stage"),
-    ({"search": {"n_trials": 2, "pruner": "sometimes", "parameters": {"trainer.max_epochs": [1]}}},
-     "search.pruner.name"),
-])
-def test_bad_sweep_input_is_one_line_naming_the_field(tmp_path: Path, fields: dict, field: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"launcher": "kubernetes"}, "launcher"),
+        ({"launcher": "local", "parallel": 0}, "parallel"),
+        ({"launcher": "submitit_local", "slurm": {"partitionn": "gpu"}}, "slurm.partitionn"),
+        ({"grid_stages": ["teacher"]}, "grid_stages"),
+        (
+            {"grid": {"model.init_args.heads.5.init_args.temperature": [2.0]}},
+            "grid.model.init_args.heads.5.init_args.temperature",
+        ),
+        (
+            {
+                "search": {
+                    "n_trials": 2,
+                    "parameters": {
+                        "model.init_args.optimizer.init_args.lr": {
+                            "type": "lognormal",
+                            "low": 1,
+                            "high": 2,
+                        }
+                    },
+                }
+            },
+            "search.parameters.model.init_args.optimizer.init_args.lr.type",
+        ),
+        (
+            {
+                "search": {
+                    "n_trials": 2,
+                    "parameters": {
+                        "model.init_args.optimizer.init_args.lr": {
+                            "type": "float",
+                            "low": 0.1,
+                            "high": 0.01,
+                        }
+                    },
+                }
+            },
+            "search.parameters.model.init_args.optimizer.init_args.lr.low",
+        ),
+        (
+            {"search": {"n_trials": 2, "stage": "nope", "parameters": {"trainer.max_epochs": [1]}}},
+            "search.stage",
+        ),
+        (
+            {
+                "search": {
+                    "n_trials": 2,
+                    "pruner": "sometimes",
+                    "parameters": {"trainer.max_epochs": [1]},
+                }
+            },
+            "search.pruner.name",
+        ),
+    ],
+)
+def test_bad_sweep_input_is_one_line_naming_the_field(
+    tmp_path: Path, fields: dict, field: str
+) -> None:
     with pytest.raises(ConfigError) as err:
         parse_spec(["-c", str(_spec(tmp_path, "bad", **fields))])
     assert err.value.field == field and "\n" not in str(err.value)
@@ -105,11 +172,18 @@ def test_wandb_sweep_export_parses_with_wandb_and_our_cli(tmp_path: Path, monkey
     assert len(params["model.init_args.heads"]["values"]) == 2
     assert sweep["command"][-1] == "${args}"
     # the agent's substitution (wandb_agent.Agent._command_run), then our fit parses the result
-    values = {"seed_everything": 1, "model.init_args.heads": params["model.init_args.heads"]["values"][1]}
+    values = {
+        "seed_everything": 1,
+        "model.init_args.heads": params["model.init_args.heads"]["values"][1],
+    }
     flags = create_sweep_command_args({"args": {k: {"value": v} for k, v in values.items()}})
     command = []
     for c in sweep["command"]:
-        command += flags[c[2:-1]] if c.startswith("${") and c != "${env}" else ([] if c == "${env}" else [c])
+        command += (
+            flags[c[2:-1]]
+            if c.startswith("${") and c != "${env}"
+            else ([] if c == "${env}" else [c])
+        )
     assert command[:2] == ["kd-lightning", "fit"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as done:
@@ -123,8 +197,10 @@ def test_wandb_sweep_export_parses_with_wandb_and_our_cli(tmp_path: Path, monkey
 
 def _table(out: Path) -> list[dict]:
     rows = json.loads((out / "results.json").read_text())["rows"]
-    return [{k: v for k, v in r.items() if k.endswith(("_mean", "_std")) or k in ("name", "n_seeds")}
-            for r in rows]
+    return [
+        {k: v for k, v in r.items() if k.endswith(("_mean", "_std")) or k in ("name", "n_seeds")}
+        for r in rows
+    ]
 
 
 @pytest.mark.slow
@@ -133,8 +209,15 @@ def test_grid_gives_the_same_table_on_local_and_submitit(tmp_path: Path) -> None
     submitit's LocalExecutor (real jobs in subprocesses): identical tables."""
     grid = {"seeds": [0, 1], TEMPERATURE: [2.0, 4.0]}
     local = _spec(tmp_path, "local", grid=grid, launcher="local", parallel=2)
-    sub = _spec(tmp_path, "sub", grid=grid, launcher="submitit_local", parallel=2, runs_per_job=2,
-                slurm={"timeout_min": 10})
+    sub = _spec(
+        tmp_path,
+        "sub",
+        grid=grid,
+        launcher="submitit_local",
+        parallel=2,
+        runs_per_job=2,
+        slurm={"timeout_min": 10},
+    )
     main(["experiment", "-c", str(local)])
     main(["experiment", "-c", str(sub)])
     a, b = _table(tmp_path / "local"), _table(tmp_path / "sub")
@@ -163,13 +246,27 @@ def _states(db: Path) -> list[str]:
 def test_search_resumes_after_kill(tmp_path: Path) -> None:
     """Done-when (issue 22): kill -9 a search after its first trial; the rerun keeps the
     finished trial, retries the cut-short one and reaches n_trials."""
-    search = {"n_trials": 3, "sampler": {"name": "random", "seed": 0}, "pruner": "none",
-              "parameters": {"model.init_args.optimizer.init_args.lr":
-                             {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}
+    search = {
+        "n_trials": 3,
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": "none",
+        "parameters": {
+            "model.init_args.optimizer.init_args.lr": {
+                "type": "float",
+                "low": 1e-3,
+                "high": 1e-2,
+                "log": True,
+            }
+        },
+    }
     path = _spec(tmp_path, "s", search=search)
     db = tmp_path / "s" / "search.db"
-    proc = subprocess.Popen([sys.executable, "-m", "kd_lightning", "experiment", "-c", str(path)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kd_lightning", "experiment", "-c", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -202,10 +299,17 @@ def test_search_resumes_after_kill(tmp_path: Path) -> None:
 
 def test_pruned_trial_is_listed_as_pruned(tmp_path: Path) -> None:
     # val/acc is at most 1, so a threshold of 1.01 prunes the trial at its first report
-    search = {"n_trials": 1, "pruner": {"name": "threshold", "lower": 1.01},
-              "parameters": {TEMPERATURE: [4.0]}}
-    path = _spec(tmp_path, "p", search=search,
-                 overrides={**TINY, "trainer": {**TINY["trainer"], "max_epochs": 2}})
+    search = {
+        "n_trials": 1,
+        "pruner": {"name": "threshold", "lower": 1.01},
+        "parameters": {TEMPERATURE: [4.0]},
+    }
+    path = _spec(
+        tmp_path,
+        "p",
+        search=search,
+        overrides={**TINY, "trainer": {**TINY["trainer"], "max_epochs": 2}},
+    )
     main(["experiment", "-c", str(path)])
     summary = json.loads((tmp_path / "p" / "search.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["PRUNED"]

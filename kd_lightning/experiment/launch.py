@@ -34,8 +34,16 @@ from kd_lightning.errors import ConfigError
 
 LAUNCHERS = ("sequential", "local", "slurm", "submitit_local")
 #: AutoExecutor's own (cluster-independent) parameters; every other ``slurm`` key is Slurm's
-GENERIC_SUBMITIT = ("timeout_min", "mem_gb", "nodes", "tasks_per_node", "cpus_per_task",
-                    "gpus_per_node", "name", "stderr_to_stdout")
+GENERIC_SUBMITIT = (
+    "timeout_min",
+    "mem_gb",
+    "nodes",
+    "tasks_per_node",
+    "cpus_per_task",
+    "gpus_per_node",
+    "name",
+    "stderr_to_stdout",
+)
 
 
 @dataclasses.dataclass
@@ -85,8 +93,14 @@ def execute(job: RunJob) -> dict[str, Any]:
             record = (_fit_then_test if job.fit else _tested)(cli, run_dir)
         finally:
             _finish_wandb()
-        record.update(stage=job.stage, kind=job.kind, seed=job.seed, key=job.key,
-                      seconds=round(time.perf_counter() - t0, 2), command=list(job.args))
+        record.update(
+            stage=job.stage,
+            kind=job.kind,
+            seed=job.seed,
+            key=job.key,
+            seconds=round(time.perf_counter() - t0, 2),
+            command=list(job.args),
+        )
         if job.teacher_dir is not None:
             record.update(_agreement(run_dir, Path(job.teacher_dir)))
         del cli
@@ -112,8 +126,10 @@ def execute_many(jobs: list[RunJob]) -> list[dict[str, Any]]:
 def _describe(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ConfigError):
         return {"config_error": [exc.field, repr(exc.value), exc.fix]}
-    return {"message": f"{type(exc).__name__}: {exc}",
-            "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+    return {
+        "message": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc))[-4000:],
+    }
 
 
 def _raise(result: dict[str, Any], job: RunJob) -> None:
@@ -122,8 +138,10 @@ def _raise(result: dict[str, Any], job: RunJob) -> None:
         field, value, fix = err["config_error"]
         raise ConfigError(field, value, fix)
     log = Path(job.run_dir) / "run.log"
-    raise RunFailed(f"{job.stage} seed {job.seed} failed: {err['message']} "
-                    f"(its log: {log if log.is_file() else job.run_dir})")
+    raise RunFailed(
+        f"{job.stage} seed {job.seed} failed: {err['message']} "
+        f"(its log: {log if log.is_file() else job.run_dir})"
+    )
 
 
 @contextlib.contextmanager
@@ -191,7 +209,8 @@ class LocalLauncher(Launcher):
             os.environ.update(env)
             try:
                 self._pool = ProcessPoolExecutor(
-                    max_workers=self.parallel, mp_context=multiprocessing.get_context("spawn"))
+                    max_workers=self.parallel, mp_context=multiprocessing.get_context("spawn")
+                )
                 # start the workers now, while the environment holds the thread counts
                 for f in [self._pool.submit(os.getpid) for _ in range(self.parallel)]:
                     f.result()
@@ -234,8 +253,14 @@ class SubmititLauncher(Launcher):
     ``LocalExecutor`` (``cluster="local"``), with the same spec; ``runs_per_job`` runs
     share one job (one torch import, one queue wait), ``parallel`` jobs are in flight."""
 
-    def __init__(self, cluster: str, folder: Path, params: dict[str, Any], parallel: int | None,
-                 runs_per_job: int = 1) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        folder: Path,
+        params: dict[str, Any],
+        parallel: int | None,
+        runs_per_job: int = 1,
+    ) -> None:
         self.cluster, self.folder, self.params = cluster, folder, dict(params)
         self.name = "slurm" if cluster == "slurm" else "submitit_local"
         # Slurm queues any number of jobs; locally every job is a process on this machine
@@ -254,18 +279,24 @@ class SubmititLauncher(Launcher):
         import submitit
 
         if self.cluster == "slurm" and shutil.which("sbatch") is None:
-            raise ConfigError("launcher", "slurm", "sbatch is not on PATH here: submit from a "
-                              "Slurm login node, or use launcher: submitit_local to try the jobs "
-                              "on this machine")
+            raise ConfigError(
+                "launcher",
+                "slurm",
+                "sbatch is not on PATH here: submit from a "
+                "Slurm login node, or use launcher: submitit_local to try the jobs "
+                "on this machine",
+            )
         ex = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
         try:
             ex.update_parameters(**slurm_parameters(self.params))
         except (NameError, ValueError, TypeError) as exc:
-            raise ConfigError("slurm", self.params, f"submitit refuses these parameters: {exc}") from None
+            raise ConfigError(
+                "slurm", self.params, f"submitit refuses these parameters: {exc}"
+            ) from None
         return ex
 
     def run(self, jobs: list[RunJob], on_done: Callable[[RunJob, dict[str, Any]], None]) -> None:
-        batches = [jobs[i:i + self.runs_per_job] for i in range(0, len(jobs), self.runs_per_job)]
+        batches = [jobs[i : i + self.runs_per_job] for i in range(0, len(jobs), self.runs_per_job)]
         in_flight: list[tuple[Any, list[RunJob]]] = []
         failure = None
         while batches or in_flight:
@@ -283,7 +314,9 @@ class SubmititLauncher(Launcher):
                 try:
                     results = sub.result()
                 except Exception as exc:  # the job itself died (timeout, node failure …)
-                    results = [{"error": {"message": f"submitit job {sub.job_id}: {exc}"}}] * len(batch)
+                    results = [{"error": {"message": f"submitit job {sub.job_id}: {exc}"}}] * len(
+                        batch
+                    )
                 for job, result in zip(batch, results, strict=True):
                     if "error" in result:
                         failure = failure or (result, job)
@@ -310,8 +343,12 @@ def slurm_parameters(params: dict[str, Any]) -> dict[str, Any]:
         elif bare in slurm:
             out[f"slurm_{bare}"] = value
         else:
-            raise ConfigError(f"slurm.{key}", value, f"not a submitit/Slurm parameter; use one of "
-                              f"{sorted(GENERIC_SUBMITIT)} or Slurm's {sorted(slurm)}")
+            raise ConfigError(
+                f"slurm.{key}",
+                value,
+                f"not a submitit/Slurm parameter; use one of "
+                f"{sorted(GENERIC_SUBMITIT)} or Slurm's {sorted(slurm)}",
+            )
     return out
 
 
@@ -322,5 +359,6 @@ def make_launcher(spec: Any, out_dir: Path) -> Launcher:
     if spec.launcher == "local":
         return LocalLauncher(spec.parallel or 1)
     cluster = "slurm" if spec.launcher == "slurm" else "local"
-    return SubmititLauncher(cluster, out_dir / "submitit", spec.slurm, spec.parallel,
-                            spec.runs_per_job)
+    return SubmititLauncher(
+        cluster, out_dir / "submitit", spec.slurm, spec.parallel, spec.runs_per_job
+    )

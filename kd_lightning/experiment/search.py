@@ -40,9 +40,13 @@ from kd_lightning.experiment.spec import ExperimentSpec, Stage, set_dotted, stag
 DISTRIBUTIONS = ("float", "int", "categorical")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("none", "median", "percentile", "threshold", "hyperband", "successive_halving")
-_PRUNER_CLASSES = {"median": "MedianPruner", "percentile": "PercentilePruner",
-                   "threshold": "ThresholdPruner", "hyperband": "HyperbandPruner",
-                   "successive_halving": "SuccessiveHalvingPruner"}
+_PRUNER_CLASSES = {
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "threshold": "ThresholdPruner",
+    "hyperband": "HyperbandPruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+}
 
 
 @dataclasses.dataclass
@@ -65,7 +69,9 @@ def parse_search(spec: ExperimentSpec) -> SearchSpec:
     known = {f.name for f in dataclasses.fields(SearchSpec)} - {"kind"}
     unknown = sorted(set(block) - known)
     if unknown:
-        raise ConfigError(f"search.{unknown[0]}", block[unknown[0]], f"unknown field; use {sorted(known)}")
+        raise ConfigError(
+            f"search.{unknown[0]}", block[unknown[0]], f"unknown field; use {sorted(known)}"
+        )
     stages = {s.name: kind for kind, s in spec.stages()[1:]}
     stage = block.get("stage") or (spec.kd[0].name if spec.kd else None)
     if stage not in stages:
@@ -81,8 +87,11 @@ def parse_search(spec: ExperimentSpec) -> SearchSpec:
         raise ConfigError("search.metric", metric, "give a logged epoch metric, e.g. val/acc")
     params = block.get("parameters")
     if not isinstance(params, dict) or not params:
-        raise ConfigError("search.parameters", params, "give {dotted.config.key: {type: float, "
-                          "low: ..., high: ...}, ...}")
+        raise ConfigError(
+            "search.parameters",
+            params,
+            "give {dotted.config.key: {type: float, low: ..., high: ...}, ...}",
+        )
     parsed = {key: _distribution(key, dist) for key, dist in params.items()}
     target = next(s for _, s in spec.stages()[1:] if s.name == stage)
     merged = stage_config(spec, target)
@@ -94,8 +103,17 @@ def parse_search(spec: ExperimentSpec) -> SearchSpec:
     seed = block.get("seed", spec.seeds[0])
     if not isinstance(seed, int):
         raise ConfigError("search.seed", seed, "give an integer seed")
-    out = SearchSpec(parameters=parsed, n_trials=n_trials, stage=stage, kind=stages[stage],
-                     metric=metric, direction=direction, sampler=sampler, pruner=pruner, seed=seed)
+    out = SearchSpec(
+        parameters=parsed,
+        n_trials=n_trials,
+        stage=stage,
+        kind=stages[stage],
+        metric=metric,
+        direction=direction,
+        sampler=sampler,
+        pruner=pruner,
+        seed=seed,
+    )
     make_sampler(out)
     make_pruner(out)
     return out
@@ -110,13 +128,18 @@ def _distribution(key: str, dist: Any) -> dict[str, Any]:
     kind = dist.get("type")
     if kind not in DISTRIBUTIONS:
         raise ConfigError(f"{field}.type", kind, f"use one of {list(DISTRIBUTIONS)}")
-    allowed = {"categorical": {"type", "choices"},
-               "float": {"type", "low", "high", "log", "step"},
-               "int": {"type", "low", "high", "log", "step"}}[kind]
+    allowed = {
+        "categorical": {"type", "choices"},
+        "float": {"type", "low", "high", "log", "step"},
+        "int": {"type", "low", "high", "log", "step"},
+    }[kind]
     extra = sorted(set(dist) - allowed)
     if extra:
-        raise ConfigError(f"{field}.{extra[0]}", dist[extra[0]],
-                          f"a {kind} distribution takes {sorted(allowed - {'type'})}")
+        raise ConfigError(
+            f"{field}.{extra[0]}",
+            dist[extra[0]],
+            f"a {kind} distribution takes {sorted(allowed - {'type'})}",
+        )
     if kind == "categorical":
         if not isinstance(dist.get("choices"), list) or not dist["choices"]:
             raise ConfigError(f"{field}.choices", dist.get("choices"), "give a non-empty list")
@@ -200,14 +223,27 @@ class OptunaPruning(_Base):  # type: ignore[misc, valid-type]
         monitor: the metric reported after every validation, e.g. ``val/acc``.
     """
 
-    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str = "val/acc",
-                 pruner: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        storage: str,
+        study_name: str,
+        trial_id: int,
+        monitor: str = "val/acc",
+        pruner: dict[str, Any] | None = None,
+    ) -> None:
         import optuna
 
         # the pruner is not kept in the storage: a study loaded without it would use Optuna's
         # default (MedianPruner) in should_prune()
-        rule = make_pruner(SearchSpec(parameters={}, n_trials=1, stage="", kind="",
-                                      pruner=dict(pruner or {"name": "median"})))
+        rule = make_pruner(
+            SearchSpec(
+                parameters={},
+                n_trials=1,
+                stage="",
+                kind="",
+                pruner=dict(pruner or {"name": "median"}),
+            )
+        )
         study = optuna.load_study(study_name=study_name, storage=storage, pruner=rule)
         super().__init__(optuna.trial.Trial(study, trial_id), monitor=monitor)
 
@@ -225,9 +261,14 @@ def run_search(experiment: Any, teacher: dict[str, Any], teacher_dir: Path) -> d
     search = parse_search(spec)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, name = storage_url(out), spec.name
-    study = optuna.create_study(storage=url, study_name=name, direction=search.direction,
-                                sampler=make_sampler(search), pruner=make_pruner(search),
-                                load_if_exists=True)
+    study = optuna.create_study(
+        storage=url,
+        study_name=name,
+        direction=search.direction,
+        sampler=make_sampler(search),
+        pruner=make_pruner(search),
+        load_if_exists=True,
+    )
     # One process drives a study (the experiment), so a trial still RUNNING when it starts
     # was cut short by a kill: fail it and queue its parameters again. (Optuna's heartbeat +
     # RetryFailedTrialCallback does the same, but only after a grace period has passed.)
@@ -237,8 +278,10 @@ def run_search(experiment: Any, teacher: dict[str, Any], teacher_dir: Path) -> d
         stale = out / f"{search.stage}-trial{t.number}"
         if stale.exists():
             shutil.rmtree(stale)
-        print(f"[{name}] search: trial {t.number} was cut short; its parameters are queued again",
-              flush=True)
+        print(
+            f"[{name}] search: trial {t.number} was cut short; its parameters are queued again",
+            flush=True,
+        )
     base = next(s for _, s in spec.stages()[1:] if s.name == search.stage)
     merged = stage_config(spec, base)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -247,19 +290,35 @@ def run_search(experiment: Any, teacher: dict[str, Any], teacher_dir: Path) -> d
         return len(study.get_trials(deepcopy=False, states=finished))
 
     def objective(trial: optuna.trial.Trial) -> float:
-        stage = Stage(name=f"{base.name}-trial{trial.number}", configs=list(base.configs),
-                      overrides=copy.deepcopy(base.overrides))
+        stage = Stage(
+            name=f"{base.name}-trial{trial.number}",
+            configs=list(base.configs),
+            overrides=copy.deepcopy(base.overrides),
+        )
         values = {key: _suggest(trial, key, dist) for key, dist in search.parameters.items()}
         for key, value in values.items():
             set_dotted(stage.overrides, merged, key, value, f"search.parameters.{key}")
         experiment.loggers[stage.name] = experiment.loggers[base.name]  # same configs, same logger
         run_dir = experiment._run_dir(stage, search.seed)
         trial.set_user_attr("run_dir", str(run_dir.relative_to(out)))
-        pruning = {"class_path": f"{OptunaPruning.__module__}.{OptunaPruning.__qualname__}",
-                   "init_args": {"storage": url, "study_name": name, "trial_id": trial._trial_id,
-                                 "monitor": search.metric, "pruner": search.pruner}}
-        planned = experiment._student_job(search.kind, stage, search.seed, teacher, teacher_dir,
-                                          [f"--trainer.callbacks+={json.dumps(pruning)}"])
+        pruning = {
+            "class_path": f"{OptunaPruning.__module__}.{OptunaPruning.__qualname__}",
+            "init_args": {
+                "storage": url,
+                "study_name": name,
+                "trial_id": trial._trial_id,
+                "monitor": search.metric,
+                "pruner": search.pruner,
+            },
+        }
+        planned = experiment._student_job(
+            search.kind,
+            stage,
+            search.seed,
+            teacher,
+            teacher_dir,
+            [f"--trainer.callbacks+={json.dumps(pruning)}"],
+        )
         t0 = time.perf_counter()
         tag = f"[{name}] search trial {trial.number} ({n_finished() + 1}/{search.n_trials})"
         print(f"{tag}: {values}", flush=True)
@@ -267,15 +326,18 @@ def run_search(experiment: Any, teacher: dict[str, Any], teacher_dir: Path) -> d
             record = planned if isinstance(planned, dict) else execute(planned)
         except optuna.TrialPruned:
             epochs = read_history(run_dir / "history.jsonl")
-            print(f"{tag}: pruned after {len(epochs)} epoch(s)  [{time.perf_counter() - t0:.1f} s]",
-                  flush=True)
+            print(
+                f"{tag}: pruned after {len(epochs)} epoch(s)  [{time.perf_counter() - t0:.1f} s]",
+                flush=True,
+            )
             raise
         epochs = read_history(run_dir / "history.jsonl")
         history = [h[search.metric] for h in epochs if search.metric in h]
         if not history:
             logged = sorted({k for h in epochs for k in h} - {"epoch", "step"})
-            raise ConfigError("search.metric", search.metric, f"the trial never logged it; the "
-                              f"runs log {logged}")
+            raise ConfigError(
+                "search.metric", search.metric, f"the trial never logged it; the runs log {logged}"
+            )
         value = max(history) if search.direction == "maximize" else min(history)
         trial.set_user_attr("test_acc_best", record.get("test_acc_best"))
         trial.set_user_attr("test_acc_last", record.get("test_acc_last"))
@@ -284,8 +346,11 @@ def run_search(experiment: Any, teacher: dict[str, Any], teacher_dir: Path) -> d
 
     left = search.n_trials - n_finished()
     if left > 0:
-        print(f"[{name}] search: {n_finished()}/{search.n_trials} trials finished before; "
-              f"running {left} more (study {url.removeprefix('sqlite:///')})", flush=True)
+        print(
+            f"[{name}] search: {n_finished()}/{search.n_trials} trials finished before; "
+            f"running {left} more (study {url.removeprefix('sqlite:///')})",
+            flush=True,
+        )
         from kd_lightning.experiment.runner import _quiet_lightning
 
         with _quiet_lightning():
@@ -309,37 +374,57 @@ def summarise(study: Any, search: SearchSpec, out: Path) -> dict[str, Any]:
     """search.json (every trial) and a Markdown table of the trials and the best parameters."""
     from optuna.trial import TrialState
 
-    trials = [{
-        "number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-        "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
-        **{k: t.user_attrs.get(k) for k in ("run_dir", "test_acc_best", "test_acc_last", "retry_of")},
-    } for t in study.get_trials(deepcopy=False)]
+    trials = [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+            **{
+                k: t.user_attrs.get(k)
+                for k in ("run_dir", "test_acc_best", "test_acc_last", "retry_of")
+            },
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     best = None
     if complete:
         b = study.best_trial
         best = {"number": b.number, "value": b.value, "params": b.params}
     summary = {
-        "study": study.study_name, "metric": search.metric, "direction": search.direction,
-        "n_trials": search.n_trials, "best": best, "trials": trials,
+        "study": study.study_name,
+        "metric": search.metric,
+        "direction": search.direction,
+        "n_trials": search.n_trials,
+        "best": best,
+        "trials": trials,
         "n_complete": len(complete),
         "n_pruned": sum(t["state"] == TrialState.PRUNED.name for t in trials),
         "n_failed": sum(t["state"] == TrialState.FAIL.name for t in trials),
     }
     (out / "search.json").write_text(json.dumps(summary, indent=2) + "\n")
     keys = list(search.parameters)
-    lines = [f"### Search over `{search.stage}`: {search.direction} {search.metric} "
-             f"(best over epochs), {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
-             f"{summary['n_failed']} failed of {search.n_trials}", "",
-             "| trial | state | " + " | ".join(f"`{k}`" for k in keys)
-             + f" | {search.metric} | test acc, best-val ckpt (%) |",
-             "|---|---|" + "---|" * (len(keys) + 2)]
+    lines = [
+        f"### Search over `{search.stage}`: {search.direction} {search.metric} "
+        f"(best over epochs), {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
+        f"{summary['n_failed']} failed of {search.n_trials}",
+        "",
+        "| trial | state | "
+        + " | ".join(f"`{k}`" for k in keys)
+        + f" | {search.metric} | test acc, best-val ckpt (%) |",
+        "|---|---|" + "---|" * (len(keys) + 2),
+    ]
     for t in trials:
         value = "—" if t["value"] is None else f"{t['value']:.4f}"
         acc = "—" if t["test_acc_best"] is None else f"{100 * t['test_acc_best']:.2f}"
         cells = [_short(t["params"].get(k)) for k in keys]
-        lines.append(f"| {t['number']} | {t['state'].lower()} | " + " | ".join(cells)
-                     + f" | {value} | {acc} |")
+        lines.append(
+            f"| {t['number']} | {t['state'].lower()} | "
+            + " | ".join(cells)
+            + f" | {value} | {acc} |"
+        )
     if best:
         shown = ", ".join(f"`{k}` = {_short(v)}" for k, v in best["params"].items())
         lines += ["", f"Best: trial {best['number']}, {search.metric} {best['value']:.4f}: {shown}"]

@@ -30,12 +30,24 @@ from kd_lightning.experiment.spec import (
 )
 
 #: the top-level keys W&B documents for a sweep configuration
-SWEEP_KEYS = ("program", "name", "description", "method", "metric", "parameters",
-              "early_terminate", "command", "run_cap", "project", "entity")
+SWEEP_KEYS = (
+    "program",
+    "name",
+    "description",
+    "method",
+    "metric",
+    "parameters",
+    "early_terminate",
+    "command",
+    "run_cap",
+    "project",
+    "entity",
+)
 
 
-def export_wandb_sweep(spec: ExperimentSpec, grid: dict[str, list[Any]], path: str | Path,
-                       out_dir: Path) -> Path:
+def export_wandb_sweep(
+    spec: ExperimentSpec, grid: dict[str, list[Any]], path: str | Path, out_dir: Path
+) -> Path:
     """Write the sweep YAML (and its overrides fragment) and return its path."""
     path = Path(path)
     search = None
@@ -53,7 +65,9 @@ def export_wandb_sweep(spec: ExperimentSpec, grid: dict[str, list[Any]], path: s
             raise ConfigError("kd", spec.kd, "the sweep runs a KD stage: give one")
         stage = spec.kd[0]
     merged = stage_config(spec, stage)
-    params = _grid_parameters(grid, merged) if search is None else _search_parameters(search, merged)
+    params = (
+        _grid_parameters(grid, merged) if search is None else _search_parameters(search, merged)
+    )
     fragment: dict[str, Any] = {}
     _merge(fragment, copy.deepcopy(spec.overrides))
     _merge(fragment, copy.deepcopy(stage.overrides))
@@ -67,13 +81,28 @@ def export_wandb_sweep(spec: ExperimentSpec, grid: dict[str, list[Any]], path: s
         frag_path.write_text(yaml.safe_dump(fragment, sort_keys=False))
         command += ["-c", _shown(frag_path.resolve(), path.parent)]
     if kind == "kd":
-        teacher = (resolve_path(spec, spec.teacher.checkpoint, "teacher.checkpoint")
-                   if spec.teacher.checkpoint else
-                   out_dir / spec.teacher.name / f"seed{spec.teacher.seed}" / "checkpoints" / "best.ckpt")
-        command.append("--model.init_args.teacher=" + json.dumps(
-            {"checkpoint": _shown(Path(teacher).resolve(), path.parent)}))
-    if spec.logger and str((yaml.safe_load(resolve_path(spec, spec.logger, "logger").read_text())
-                            or {}).get("trainer", {}).get("logger", "")).find("WandbLogger") >= 0:
+        teacher = (
+            resolve_path(spec, spec.teacher.checkpoint, "teacher.checkpoint")
+            if spec.teacher.checkpoint
+            else out_dir
+            / spec.teacher.name
+            / f"seed{spec.teacher.seed}"
+            / "checkpoints"
+            / "best.ckpt"
+        )
+        command.append(
+            "--model.init_args.teacher="
+            + json.dumps({"checkpoint": _shown(Path(teacher).resolve(), path.parent)})
+        )
+    if (
+        spec.logger
+        and str(
+            (yaml.safe_load(resolve_path(spec, spec.logger, "logger").read_text()) or {})
+            .get("trainer", {})
+            .get("logger", "")
+        ).find("WandbLogger")
+        >= 0
+    ):
         command.append(f"--trainer.logger.init_args.group={spec.name}")  # as the experiment's runs
     command += ["--test_after_fit=true", "${args}"]
     sweep: dict[str, Any] = {
@@ -90,16 +119,15 @@ def export_wandb_sweep(spec: ExperimentSpec, grid: dict[str, list[Any]], path: s
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"# W&B sweep of kd-lightning experiment {spec.name!r} (kd-lightning experiment "
-        "--export-wandb-sweep).\n# Paths are relative to this file's folder: run `wandb sweep` "
-        "and `wandb agent` from there.\n" + yaml.safe_dump(sweep, sort_keys=False))
+        "--export-wandb-sweep).\n# Paths are relative to the folder it was exported from: "
+        "run `wandb agent` there.\n" + yaml.safe_dump(sweep, sort_keys=False)
+    )
     return path
 
 
 def _shown(p: Path, folder: Path) -> str:
-    try:
-        return os.path.relpath(p, Path.cwd()) if p.is_relative_to(Path.cwd()) else str(p)
-    except ValueError:  # another drive (Windows)
-        return str(p)
+    """``p`` relative to the working directory (where ``wandb agent`` runs), if inside it."""
+    return os.path.relpath(p, Path.cwd()) if p.is_relative_to(Path.cwd()) else str(p)
 
 
 def _list_root(key: str) -> str | None:
@@ -144,9 +172,13 @@ def _search_parameters(search: Any, merged: dict[str, Any]) -> dict[str, Any]:
     for key, dist in search.parameters.items():
         if _list_root(key) is not None:
             if dist["type"] != "categorical":
-                raise ConfigError(f"search.parameters.{key}", dist, "a W&B sweep cannot set one "
-                                  "entry of a list from a distribution: give it as categorical "
-                                  "choices, or search a key outside the list")
+                raise ConfigError(
+                    f"search.parameters.{key}",
+                    dist,
+                    "a W&B sweep cannot set one "
+                    "entry of a list from a distribution: give it as categorical "
+                    "choices, or search a key outside the list",
+                )
             values = []
             for choice in dist["choices"]:
                 fragment: dict[str, Any] = {}
