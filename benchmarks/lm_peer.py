@@ -10,8 +10,10 @@ temperature 1), AdamW at a constant learning rate, one intra-op thread, the CPU.
 * ``off``: off-policy (TRL ``lmbda=0``, ``seq_kd=False``); kd-lightning's
   ``TokenDivergence(divergence="jsd", beta=0.5)``, on the full logits (``kd``) and with the
   chunked loss (``kd_chunked``, ``chunk_size=256``: never holds either model's full logits).
-* ``on``: on-policy (TRL ``lmbda=1``): only when kd-lightning's LM distiller has an
-  on-policy mode (``LMDistillationModule(lmbda=...)``); the JSON says when it has not.
+* ``on``: on-policy (TRL ``lmbda=1``; kd-lightning ``on_policy: OnPolicySpec(lmbda=1)``):
+  the student samples ``--max-new-tokens`` completion tokens per prompt (temperature 1,
+  no top-k/top-p, KV cache) and is trained on them; the generation's CPU time is reported
+  for both (``generate_cpu_s``: time inside the student's ``generate``).
 
 Each run is its own process (``--worker``), and the runs are interleaved in rounds (the
 order alternates between rounds), so the machine's drift hits both sides alike. Per run:
@@ -55,6 +57,9 @@ STUDENT = {
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
 }
+# the data's tokenizer: <|endoftext|> = 0 (EOS), <|pad|> = 1; generation stops at the same id
+SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+TEACHER, STUDENT = {**TEACHER, **SPECIAL}, {**STUDENT, **SPECIAL}
 LR = 1e-4
 
 
@@ -298,8 +303,11 @@ def run_kd(workdir: Path, mode: str, args: argparse.Namespace, chunk: int) -> di
             clock.tick()
 
     extra: dict[str, Any] = {}
-    if mode == "on":
-        extra = {"lmbda": 1.0, "max_new_tokens": args.max_new_tokens}
+    if mode == "on":  # TRL's sampling: temperature 1, top_k 0, top_p 1, KV cache
+        from kd_lightning.modules.lm_distillation import OnPolicySpec
+
+        spec = OnPolicySpec(lmbda=1.0, temperature=1.0, max_new_tokens=args.max_new_tokens)
+        extra = {"on_policy": spec}
     loader = DataLoader(
         dm.splits["train"],
         batch_size=args.batch,
@@ -351,7 +359,7 @@ def has_on_policy() -> bool:
 
     from kd_lightning.modules.lm_distillation import LMDistillationModule
 
-    return "lmbda" in inspect.signature(LMDistillationModule.__init__).parameters
+    return "on_policy" in inspect.signature(LMDistillationModule.__init__).parameters
 
 
 def worker(spec: str, args: argparse.Namespace) -> None:
@@ -482,7 +490,7 @@ def main() -> None:
             "trl": trl_version,
         },
         "skipped_modes": {
-            m: "LMDistillationModule has no on-policy mode (lmbda) yet" for m in skipped
+            m: "LMDistillationModule has no on-policy mode (on_policy) yet" for m in skipped
         },
         "results": summary,
         "machine": machine_info(),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kd_lightning.errors import ConfigError
 from kd_lightning.losses.lm.align import (
     align_spans,
+    aligned_span_loss,
     byte_spans,
     merged_log_probs,
     shared_vocabulary,
@@ -269,57 +270,83 @@ def test_merged_span_distributions_and_span_log_probs_equal_gold(corpus, tokeniz
 
 def test_a_cross_tokenizer_pair_trains_on_aligned_spans(corpus, tokenizers):
     """A 1-layer student with the 300-token BPE learns from a teacher with the 700-token
-    BPE on the same texts: aligned-span ULD plus a forward KL on the shared vocabulary of
-    one-token spans; both fall over a few steps, and the gradient reaches the student."""
+    BPE on the same texts (a batch of two, each tokenized by both): aligned-span ULD and the
+    KL on the shared vocabulary both fall over a few steps; ``aligned_span_loss`` equals the
+    spans computed by hand."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     small, large = tokenizers
 
     def lm(vocab, hidden, seed):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=hidden,
-                intermediate_size=2 * hidden,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-            )
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
         )
+        return LlamaForCausalLM(config)
+
+    def encode(tok, texts):
+        rows = [[tok.eos_token_id, *tok(t, add_special_tokens=False)["input_ids"]] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tok.pad_token_id)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        targets = ids[:, 1:]
+        mask = torch.zeros_like(targets, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            mask[i, : len(r) - 1] = True
+        return ids, targets, mask
 
     student, teacher = lm(len(small), 32, 0), lm(len(large), 64, 1).eval()
-    s_shared, t_shared = shared_vocabulary(small, large)
+    shared = shared_vocabulary(small, large)
     # the 256 bytes at least; BPEs trained on the same texts nest (the small one's merges are
     # the large one's first), so here the whole small vocabulary is shared
-    assert 256 < len(s_shared) <= len(small)
-    text = corpus[7]
-    s_ids = torch.tensor(
-        [[small.eos_token_id, *small(text, add_special_tokens=False)["input_ids"]]]
-    )
-    t_ids = torch.tensor(
-        [[large.eos_token_id, *large(text, add_special_tokens=False)["input_ids"]]]
-    )
-    groups = align_spans(
-        byte_spans(small, s_ids[0, 1:].tolist()), byte_spans(large, t_ids[0, 1:].tolist())
-    )
-    single = [k for k, (a, b) in enumerate(groups) if len(a) == len(b) == 1]
+    assert 256 < len(shared[0]) <= len(small)
+    texts = [corpus[7], corpus[8]]
+    s_ids, s_targets, s_mask = encode(small, texts)
+    t_ids, t_targets, t_mask = encode(large, texts)
     with torch.no_grad():
-        t_lp = teacher(t_ids).logits[0, :-1].log_softmax(-1)
-    t_m = merged_log_probs(t_lp, t_ids[0, 1:], [b for _, b in groups])
+        t_logits = teacher(t_ids).logits[:, :-1]
+    toks = (small, large)
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     history = []
-    for _ in range(12):
-        s_lp = student(s_ids).logits[0, :-1].log_softmax(-1)
-        s_m = merged_log_probs(s_lp, s_ids[0, 1:], [a for a, _ in groups])
-        loss_uld = sorted_l1(s_m.exp(), t_m.exp()).mean()
-        loss_kl = forward_kl(s_m[single][:, s_shared], t_m[single][:, t_shared]).mean()
+    for step in range(12):
+        s_logits = student(s_ids).logits[:, :-1]
+        args = (s_logits, t_logits, s_targets, t_targets, s_mask, t_mask, *toks)
+        uld_sum, spans = aligned_span_loss(*args, loss="uld")
+        kl_sum, _ = aligned_span_loss(*args, loss="shared_kl", shared=shared)
+        if step == 0:  # the first sample's spans by hand
+            n = int(s_mask[0].sum())
+            groups = align_spans(
+                byte_spans(small, s_targets[0, :n].tolist()),
+                byte_spans(large, t_targets[0, : int(t_mask[0].sum())].tolist()),
+            )
+            s_m = merged_log_probs(
+                s_logits[0, :n].log_softmax(-1), s_targets[0, :n], [a for a, _ in groups]
+            )
+            t_m = merged_log_probs(
+                t_logits[0, : int(t_mask[0].sum())].log_softmax(-1),
+                t_targets[0, : int(t_mask[0].sum())],
+                [b for _, b in groups],
+            )
+            one, n_one = aligned_span_loss(
+                *(x[:1] for x in args[:6]), *toks, loss="shared_kl", shared=shared
+            )
+            assert int(n_one) == len(groups)
+            kl = forward_kl(s_m[:, shared[0]], t_m[:, shared[1]]).sum()
+            torch.testing.assert_close(one, kl)
         opt.zero_grad()
-        (loss_uld + loss_kl).backward()
+        ((uld_sum + kl_sum) / spans).backward()
         assert student.model.embed_tokens.weight.grad.abs().sum() > 0
         opt.step()
-        history.append((loss_uld.item(), loss_kl.item()))
+        history.append(((uld_sum / spans).item(), (kl_sum / spans).item()))
     assert history[-1][0] < history[0][0] and history[-1][1] < history[0][1]
+    with pytest.raises(ConfigError, match="shared_kl needs"):
+        aligned_span_loss(*args, loss="shared_kl")
 
 
 def test_non_byte_level_tokenizer_is_refused_in_one_line():

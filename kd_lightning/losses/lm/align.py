@@ -141,7 +141,60 @@ def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[Tensor, Ten
     )
 
 
+def aligned_span_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_targets: Tensor,
+    teacher_targets: Tensor,
+    student_mask: Tensor,
+    teacher_mask: Tensor,
+    student_tokenizer,
+    teacher_tokenizer,
+    loss: str = "uld",
+    strategy: str = "observed",
+    shared: tuple[Tensor, Tensor] | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """A token-level loss on the aligned spans of a batch tokenized twice.
+
+    Logits ``[B, T, V]`` of each model on its own tokenization (shifted: position k predicts
+    target k), targets and completion masks ``[B, T]``. Per sample, the two completions are
+    aligned by bytes (``byte_spans``/``align_spans``), each model's distributions are merged
+    per span (``merged_log_probs``), and ``loss`` compares them: ``uld`` (sorted L1, GOLD's
+    extended ULD) or ``shared_kl`` (KL(teacher ‖ student) on the vocabulary both hold,
+    ``shared`` = ``shared_vocabulary(...)``, each side renormalised there). Returns (sum over
+    spans, number of spans), for the module's token accounting (spans are its tokens)."""
+    from kd_lightning.losses.lm.divergences import forward_kl
+    from kd_lightning.losses.lm.uld import sorted_l1
+
+    if loss not in ("uld", "shared_kl"):
+        raise ConfigError("loss", loss, "use 'uld' or 'shared_kl'")
+    if loss == "shared_kl" and shared is None:
+        raise ConfigError("shared", None, "shared_kl needs shared_vocabulary(student, teacher)")
+    total, spans = student_logits.new_zeros(()), 0
+    for b in range(student_logits.shape[0]):
+        s_ids, t_ids = student_targets[b][student_mask[b]], teacher_targets[b][teacher_mask[b]]
+        groups = align_spans(
+            byte_spans(student_tokenizer, s_ids.tolist()),
+            byte_spans(teacher_tokenizer, t_ids.tolist()),
+        )
+        if not groups:
+            continue
+        s_lp = torch.log_softmax(student_logits[b][student_mask[b]].float() / temperature, -1)
+        t_lp = torch.log_softmax(teacher_logits[b][teacher_mask[b]].float() / temperature, -1)
+        s_m = merged_log_probs(s_lp, s_ids, [g for g, _ in groups], strategy)
+        t_m = merged_log_probs(t_lp, t_ids, [g for _, g in groups], strategy)
+        if loss == "uld":
+            values = sorted_l1(s_m.exp(), t_m.exp())
+        else:
+            s_idx, t_idx = (x.to(s_m.device) for x in shared)
+            values = forward_kl(s_m[:, s_idx], t_m[:, t_idx])
+        total, spans = total + values.sum(), spans + len(groups)
+    return total, torch.tensor(spans, device=student_logits.device)
+
+
 __all__ = [
+    "aligned_span_loss",
     "align_spans",
     "byte_spans",
     "merged_log_probs",
