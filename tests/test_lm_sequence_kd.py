@@ -28,7 +28,6 @@ def _fit(dm, tmp_path, spec):
     return module
 
 
-@pytest.mark.slow  # four debug fits: ~36 s wall at load average 12 on 2 cores
 def test_teacher_generations_are_stored_once_reused_and_refused_on_another_key(lm_data, tmp_path):  # noqa: F811
     dm, _ = lm_data
     path = tmp_path / "gen" / "teacher.pt"

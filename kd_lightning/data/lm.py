@@ -193,6 +193,9 @@ class PromptCompletionDataModule(L.LightningDataModule):
                 batched=True,
                 remove_columns=["prompt", "completion"],
                 cache_file_name=str(cache / f"{split}-{key}.arrow"),
+                # our key already names the work: without it datasets dill-hashes the bound
+                # method (the whole DataModule, tokenizer included), ~7 s per split here
+                new_fingerprint=f"{split}-{key}",
                 desc=f"tokenize {split}",
             )
             self.splits[split].set_format(None)
