@@ -90,7 +90,11 @@ def _heads() -> list[type]:
 def _reference_cell(head: type) -> str:
     ref = getattr(head, "reference", "")
     departures = getattr(head, "departures", ())
-    text = f"matches `{ref}`" if ref else "no parity test yet"
+    if not ref:
+        return "no parity test yet"
+    # the table names repo@commit (7 hex) only; files and lines are under Details
+    repos = dict.fromkeys(f"{r}@{c[:7]}" for r, c in re.findall(r"([\w.-]+/[\w.-]+)@([0-9a-f]{7,40})", ref))
+    text = "<br>".join(f"`{r}`" for r in repos) if repos else ref.split(":")[0]
     if departures:
         text += f"; {len(departures)} documented departure{'s' * (len(departures) > 1)}"
     return text
@@ -422,6 +426,9 @@ def results_page(results: Path = RESULTS) -> str:
         lines += [f"- [`{p.name}`](results/{p.name})" for p in tables] + [""]
     if not files and not tables:
         lines.append("No result files yet.")
+    # a CSV whose JSON twin exists is the same table; experiments (the README's numbers) first
+    files = [p for p in files if not (p.suffix == ".csv" and p.with_suffix(".json").exists())]
+    files.sort(key=lambda p: (p.suffix != ".json" or '"rows"' not in p.read_text()[:100_000], p.name))
     measured, estimates = [], []
     for path in files:
         (estimates if "estimate" in path.read_text()[:2000] else measured).append(path)
