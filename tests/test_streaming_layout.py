@@ -1,8 +1,8 @@
 """Issue 21, finding 12: ``data optimize`` writes the same chunks whatever ``--num_workers``.
 
-LitData's defaults (a shared work queue, chunks cut by bytes) gave a 1-worker run one chunk of
-18 items and a 2-worker run chunks of e.g. 17 + 1 in a different order each time, so a seeded
-stream shuffled differently at every step.
+LitData's defaults (a shared work queue, chunks cut by bytes) gave 60 images in chunks of
+[5, 5, 4, ..., 4, 2] with 1 worker and e.g. [5, 5, 4, ..., 2, 5, 5, 4, 2] with 2, different
+from run to run, so a seeded stream shuffled differently at every step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.helpers.jpeg_tree import write_jpeg_tree
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return write_jpeg_tree(tmp_path_factory.mktemp("jpegs"), classes=3, per_class=6)
+    return write_jpeg_tree(tmp_path_factory.mktemp("jpegs"), classes=3, per_class=20)
 
 
 def _optimize(tree: Path, out: Path, workers: int, *extra: str) -> dict:
@@ -45,16 +45,16 @@ def _epochs(out: Path, epochs: int = 2) -> list[list[int]]:
 
 
 def test_optimize_layout_and_seeded_stream_do_not_depend_on_the_worker_count(tree, tmp_path):
-    one = _optimize(tree, tmp_path / "w1", 1, "--chunk_size", "4")
-    two = _optimize(tree, tmp_path / "w2", 2, "--chunk_size", "4")
-    assert [c["chunk_size"] for c in one["chunks"]] == [4, 4, 4, 4, 2]
+    one = _optimize(tree, tmp_path / "w1", 1, "--chunk_size", "7")
+    two = _optimize(tree, tmp_path / "w2", 2, "--chunk_size", "7")
+    assert [c["chunk_size"] for c in one["chunks"]] == [7] * 8 + [4]
     assert len({c["filename"].split("-")[1] for c in two["chunks"]}) == 2  # two workers wrote
     assert _chunks(tmp_path / "w1", one) == _chunks(tmp_path / "w2", two)  # byte-equal, in order
     assert one["config"] == two["config"]
     # a seeded shuffled stream reads the same samples in the same order, epoch after epoch
     first = _epochs(tmp_path / "w1")
     assert first == _epochs(tmp_path / "w2")
-    assert first[0] != first[1] and len(first[0]) == 16  # reshuffled per epoch; drop_last
+    assert first[0] != first[1] and len(first[0]) == 60  # reshuffled per epoch
 
 
 def test_chunk_size_follows_chunk_bytes_from_the_inputs_alone(tree, tmp_path):
@@ -65,7 +65,7 @@ def test_chunk_size_follows_chunk_bytes_from_the_inputs_alone(tree, tmp_path):
     assert items_per_chunk(inputs, math.ceil(5 * mean)) == 5
     one = _optimize(tree, tmp_path / "b1", 1, "--chunk_bytes", str(math.ceil(5 * mean)))
     two = _optimize(tree, tmp_path / "b2", 2, "--chunk_bytes", str(math.ceil(5 * mean)))
-    assert [c["chunk_size"] for c in one["chunks"]] == [5, 5, 5, 3]
+    assert [c["chunk_size"] for c in one["chunks"]] == [5] * 12
     assert _chunks(tmp_path / "b1", one) == _chunks(tmp_path / "b2", two)
 
 
