@@ -37,8 +37,10 @@ def git_revision(path: str | Path | None = None) -> dict[str, Any]:
         sha = subprocess.run(
             ["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
+        # result files are outputs, not code: regenerating several in a row stays "clean"
         dirty = subprocess.run(
-            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)docs/results"],
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
