@@ -324,3 +324,19 @@ def test_shipped_sweep_specs_parse() -> None:
     from kd_lightning.experiment.search import parse_search
 
     assert parse_search(spec).n_trials == 16
+
+
+def test_slurm_parameters_and_a_missing_sbatch(tmp_path: Path, monkeypatch) -> None:
+    from kd_lightning.experiment.launch import make_launcher, slurm_parameters
+
+    # submitit's own names stay; Slurm's get the slurm_ prefix AutoExecutor expects
+    assert slurm_parameters({"partition": "gpu", "timeout_min": 30, "gpus_per_node": 1}) == {
+        "slurm_partition": "gpu",
+        "timeout_min": 30,
+        "gpus_per_node": 1,
+    }
+    spec = parse_spec(["-c", str(_spec(tmp_path, "sl", launcher="slurm", slurm={"qos": "low"}))])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    with pytest.raises(ConfigError) as err:
+        make_launcher(spec, tmp_path)
+    assert err.value.field == "launcher" and "submitit_local" in str(err.value)
