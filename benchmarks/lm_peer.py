@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
         "--sides",
         nargs="+",
         default=["trl", "kd", "kd_chunked"],
-        choices=["trl", "kd", "kd_chunked"],
+        choices=["trl", "kd", "kd_chunked", "hand"],
     )
     p.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--threads", type=int, default=1)
@@ -354,6 +354,55 @@ def run_kd(workdir: Path, mode: str, args: argparse.Namespace, chunk: int) -> di
     }
 
 
+def run_hand(workdir: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """A yardstick, not a peer: the same off-policy step written by hand in plain PyTorch
+    (teacher forward without grad, student forward, the same JSD, backward, AdamW), the floor
+    that any trainer's time and memory sit on."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kd_lightning.losses.lm.divergences import generalized_jsd
+    from kd_lightning.models.lm import build_causal_lm
+
+    if mode != "off":
+        raise SystemExit("the hand-written yardstick is off-policy only")
+    dm = data_module(workdir, args)
+    vocab = len(dm.tokenizer)
+    teacher = build_causal_lm("llama", vocab, TEACHER).eval()
+    teacher.load_state_dict(torch.load(workdir / "teacher.pt"))
+    student = build_causal_lm("llama", vocab, STUDENT)
+    student.load_state_dict(torch.load(workdir / "student.pt"))
+    loader = DataLoader(
+        dm.splits["train"],
+        batch_size=args.batch,
+        shuffle=True,
+        collate_fn=FixedWidthCollator(dm.tokenizer.pad_token_id, args.length),
+        generator=torch.Generator().manual_seed(0),
+    )
+    clock = StepClock()
+    rss = RSSPeak().start()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, weight_decay=0.0)
+    for step, batch in enumerate(loader):
+        if step == args.warmup + args.steps:
+            break
+        clock.tick()
+        with torch.no_grad():
+            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = batch["labels"][:, 1:] != -100
+        loss = generalized_jsd(s.logits[:, :-1][mask], t.logits[:, :-1][mask], 0.5).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    clock.tick()
+    growth = rss.stop()
+    return {
+        **clock.per_step(args.warmup),
+        "peak_rss_growth_mib": growth / 2**20,
+        "steps": len(clock.cpu) - 1,
+    }
+
+
 def has_on_policy() -> bool:
     import inspect
 
@@ -374,6 +423,8 @@ def worker(spec: str, args: argparse.Namespace) -> None:
 
     if side == "trl":
         out = run_trl(Path(workdir), mode, args)
+    elif side == "hand":
+        out = run_hand(Path(workdir), mode, args)
     else:
         out = run_kd(Path(workdir), mode, args, chunk=256 if side == "kd_chunked" else 0)
     out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
