@@ -297,6 +297,7 @@ def test_search_resumes_after_kill(tmp_path: Path) -> None:
     assert "### Search over `kd`" in md and "Best: trial" in md
 
 
+@pytest.mark.slow  # 3 fits in-process (~27 s wall on the shared 2 cores)
 def test_pruned_trial_is_listed_as_pruned(tmp_path: Path) -> None:
     # val/acc is at most 1, so a threshold of 1.01 prunes the trial at its first report
     search = {
