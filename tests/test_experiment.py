@@ -277,3 +277,24 @@ def test_grid_expands_kd_stages_and_seeds(tmp_path: Path) -> None:
     exp._preflight()  # every expanded stage parses as a `kd-lightning fit`
     with pytest.raises(ConfigError, match=r"grid\.model\.x"):
         parse_spec(["--config", grid, "--grid={model.x: []}"])
+
+
+def test_committed_smoke_result_reproduces_with_its_own_command(smoke: Path) -> None:
+    """docs/results/smoke.json came from the command it records; that command, run on this code
+    (the fixture runs it, with only the output folder moved), gives the same rows."""
+    from kd_lightning.provenance import stale_configs
+    from tests.conftest import REPO
+
+    ref = json.loads((REPO / "docs" / "results" / "smoke.json").read_text())
+    meta = ref["meta"]
+    assert meta["command"] == "kd-lightning experiment -c configs/experiments/smoke.yaml"
+    assert not meta["git_dirty"] and len(meta["git_commit"]) == 40
+    assert stale_configs(meta) == [], "the smoke configs changed: rerun the command, commit the file"
+    got = {r["name"]: r for r in json.loads((smoke / "results.json").read_text())["rows"]}
+    assert set(got) == {r["name"] for r in ref["rows"]}
+    for row in ref["rows"]:
+        for key in ("test_acc_best_mean", "test_acc_last_mean", "agreement_best_mean"):
+            if row.get(key) is None:
+                continue
+            # 250 test digits: allow one image of float drift between CPU models, no more
+            assert got[row["name"]][key] == pytest.approx(row[key], abs=1 / 250 + 1e-6), (row["name"], key)
