@@ -33,15 +33,8 @@ from typing import Any
 import torch
 
 from benchmarks._common import write_result
+from benchmarks.lm_peer import TEACHER  # the same tiny Llama teacher
 from kd_lightning.machine import machine_info
-
-TEACHER = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-}
 
 
 def parser() -> argparse.ArgumentParser:
