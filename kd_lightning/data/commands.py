@@ -56,12 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("-c", "--config", required=True, action="append",
                     help="KD fit config(s) (data: and model.teacher); several merge in order, as in fit")
     st.add_argument("--output", required=True, help="the store's directory")
-    st.add_argument("--k", type=int, default=20, help="classes kept per sample")
+    st.add_argument("--k", type=int, default=20,
+                    help="classes kept per sample (an LM config: tokens per completion token)")
     st.add_argument("--value_dtype", choices=("float16", "float32"), default="float16")
     st.add_argument("--views", type=int, help="override data.augment_views (K >= 1)")
     st.add_argument("--batch_size", type=int, default=256)
     st.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    st.add_argument("--stages", default="train,val", help="comma-separated: train, val")
+    st.add_argument("--stages", default="train,val",
+                    help="comma-separated: train, val (an LM config: its splits, test too)")
     st.add_argument("--teacher_weights", help="override model.teacher.weights")
     st.add_argument("--overwrite", action="store_true", help="delete an earlier store there first")
     return parser
@@ -253,6 +255,8 @@ def store_teacher(args: argparse.Namespace) -> Any:
     overrides = {"augment_views": args.views} if args.views is not None else {}
     dm = _datamodule(config, **overrides, num_workers=0)
     teacher_cfg = ((config.get("model") or {}).get("init_args") or {}).get("teacher")
+    if hasattr(dm, "splits") and hasattr(dm, "tokenizer"):  # a PromptCompletionDataModule
+        return _store_lm_teacher(args, dm, teacher_cfg)
     specs = teacher_cfg if isinstance(teacher_cfg, list) else [teacher_cfg]
     if not all(isinstance(s, dict) for s in specs):
         raise ConfigError("model.init_args.teacher", teacher_cfg, "the config names no teacher")
@@ -302,6 +306,36 @@ def store_teacher(args: argparse.Namespace) -> Any:
         f"kd-lightning data store-teacher: rank {rank}/{world} wrote {written} (sample, view) entries "
         f"to {args.output} ({store.nbytes_per_entry()} bytes each) in {time.perf_counter() - start:.1f} s"
     )
+    return store
+
+
+def _store_lm_teacher(args: argparse.Namespace, dm: Any, teacher_cfg: Any) -> Any:
+    """An LM config: the teacher's top-k next-token distributions per completion token
+    (``modules/lm_token_store.py``), read by ``LMDistillationModule(token_store=...)``."""
+    from kd_lightning.modules.lm_distillation import build_lm_teacher
+    from kd_lightning.modules.lm_token_store import write_token_store
+    from kd_lightning.modules.teacher import TeacherSpec, refuse_untrained
+
+    if not isinstance(teacher_cfg, dict):
+        raise ConfigError("model.init_args.teacher", teacher_cfg, "give the LM distiller's one teacher")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError("WORLD_SIZE", os.environ["WORLD_SIZE"], "an LM token store is written "
+                          "by one process: run store-teacher without torchrun")
+    if args.views is not None:
+        raise ConfigError("--views", args.views, "an LM token store has no augmentation views")
+    if args.teacher_weights is not None:
+        teacher_cfg = {**teacher_cfg, "weights": args.teacher_weights}
+    teacher = build_lm_teacher(TeacherSpec(**teacher_cfg), len(dm.tokenizer), "model.teacher")
+    refuse_untrained(teacher)
+    _refuse_overwrite(Path(args.output), "meta.json", "--output", "token store", args.overwrite)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    start = time.perf_counter()
+    store = write_token_store(args.output, teacher, dm, k=args.k, value_dtype=args.value_dtype,
+                              stages=stages, batch_size=args.batch_size, device=args.device)
+    tokens = sum(int(s["tokens"]) for s in store.meta["stages"].values())
+    print(f"kd-lightning data store-teacher: wrote {tokens} completion tokens (top-{store.k} of "
+          f"{store.vocab}) to {args.output} ({store.nbytes_per_token():.1f} bytes each) in "
+          f"{time.perf_counter() - start:.1f} s")
     return store
 
 

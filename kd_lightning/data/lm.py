@@ -47,7 +47,8 @@ def tokenizer_digest(tokenizer: Any) -> str:
 
 
 class PromptCompletionCollator:
-    """Right-pads ``input_ids``; ``labels`` are -100 on prompt and padding tokens."""
+    """Right-pads ``input_ids``; ``labels`` are -100 on prompt and padding tokens; rows with
+    an ``index`` (their dataset row) pass it on, which a token store is read by."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -62,7 +63,10 @@ class PromptCompletionCollator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             attention[i, :n] = 1
             labels[i, p:n] = ids[i, p:n]
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+        out = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+        if rows and "index" in rows[0]:
+            out["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+        return out
 
 
 class PromptCompletionDataModule(L.LightningDataModule):
@@ -199,6 +203,8 @@ class PromptCompletionDataModule(L.LightningDataModule):
                 desc=f"tokenize {split}",
             )
             self.splits[split].set_format(None)
+            # each row's dataset position: a token store's rows are read by it
+            self.splits[split] = self.splits[split].add_column("index", range(len(ds)))
             self.references = getattr(self, "references", {})
             self.references[split] = pairs
 
@@ -238,7 +244,7 @@ class PromptCompletionDataModule(L.LightningDataModule):
             for row, c in zip(ds, completions)
         ]
         self.splits[split] = datasets.Dataset.from_dict(
-            {"input_ids": ids, "prompt_len": list(ds["prompt_len"])}
+            {"input_ids": ids, "prompt_len": list(ds["prompt_len"]), "index": list(range(len(ds)))}
         )
 
     def generation_pairs(self, split: str, n: int) -> list[tuple[list[int], str]]:

@@ -527,6 +527,18 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         sequence_kd: ``SequenceKDSpec``: train on the teacher's stored completions.
         on_policy: ``OnPolicySpec``: with probability ``lmbda`` per batch the student
             generates the completions it is trained on (see the module docstring).
+        token_store: a top-k token store (``kd-lightning data store-teacher`` on this
+            config; ``modules/lm_token_store.py``): training and validation read the
+            teacher's distributions from it instead of running the teacher (a stage the
+            store lacks, e.g. test, runs the live teacher). It is checked against this
+            teacher's weights, the tokenizer and the chat template. It holds the teacher on
+            the dataset's own completions, so it serves off-policy data only: on-policy
+            generation and sequence KD are refused with it, and so is the chunked loss
+            (``chunk_size`` must be 0: it rebuilds the teacher's logits from hidden states).
+        token_store_tail: the mass outside the stored top-k: ``uniform`` (spread over the
+            other tokens), ``drop`` (the top-k renormalised) or ``bucket`` (a (k + 1)-way
+            distribution; TokenDivergence temperature 1). Exact at k = V. Eval metrics read
+            the store with the ``uniform`` tail (full support, so teacher_nll is finite).
         allow_teacher_change, num_classes, input_shape, vocab_sizes, generate_samples,
         max_new_tokens, optimizer, lr_scheduler: as in the other modules.
 
@@ -555,12 +567,16 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         on_policy: OnPolicySpec | None = None,
         lora: LoRASpec | None = None,
         sequence_kd: SequenceKDSpec | None = None,
+        token_store: str | None = None,
+        token_store_tail: Literal["uniform", "drop", "bucket"] = "uniform",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "allow_teacher_change"])
         self.on_policy, self.sequence_kd = on_policy, sequence_kd
+        self.token_store, self.token_store_tail = token_store, token_store_tail
+        self._store: Any = None  # the opened LMTokenStore (setup)
         adaptive = on_policy is not None and on_policy.schedule == "adaptive"
         #: DistiLLM's adaptive schedule: threshold, reference loss, replay buffer of rows
         self._threshold = on_policy.init_threshold if adaptive else 0.0
@@ -614,7 +630,80 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
                     "set model.on_policy: {lmbda: 1}",
                 )
         self._hidden = any(isinstance(h, TokenHead) and not h.chunkable for h in self.heads)
+        if token_store:
+            self._check_token_store(on_policy, sequence_kd)
         self.val_sums, self.test_sums = self._eval_sums(), self._eval_sums()
+
+    def _check_token_store(self, on_policy: Any, sequence_kd: Any) -> None:
+        """What a token store cannot serve (see ``token_store`` in the class docstring)."""
+        if self.token_store_tail not in ("uniform", "drop", "bucket"):
+            raise ConfigError(
+                "model.token_store_tail", self.token_store_tail, "use uniform, drop or bucket"
+            )
+        generates = on_policy is not None and (
+            on_policy.lmbda > 0 or on_policy.schedule == "adaptive"
+        )
+        if generates:
+            raise ConfigError(
+                "model.on_policy",
+                on_policy,
+                "a token store holds the teacher on the dataset's completions only: "
+                "remove model.token_store for on-policy training (the teacher must score them)",
+            )
+        if sequence_kd is not None:
+            raise ConfigError(
+                "model.sequence_kd",
+                sequence_kd,
+                "a token store holds the teacher on the dataset's completions, not on its own "
+                "generations: remove model.token_store or model.sequence_kd",
+            )
+        if self.chunk_size > 0:
+            raise ConfigError(
+                "model.chunk_size",
+                self.chunk_size,
+                "the chunked loss rebuilds the teacher's logits from its hidden states, which "
+                "a token store does not hold: set chunk_size: 0 with model.token_store",
+            )
+        for h in self.heads:
+            if type(h) not in (TokenDivergence, TokenCrossEntropy):
+                raise ConfigError(
+                    "model.heads",
+                    h.name,
+                    "a token store serves TokenDivergence and TokenCrossEntropy heads only",
+                )
+            if self.token_store_tail == "bucket" and getattr(h, "temperature", 1.0) != 1.0:
+                raise ConfigError(
+                    "model.token_store_tail",
+                    "bucket",
+                    f"head {h.name!r} has temperature {h.temperature}: a tail bucket cannot be "
+                    "re-tempered; use temperature 1 or the uniform/drop tail",
+                )
+
+    def stored_teacher(self, stage: str, batch: dict[str, Tensor], tail: str) -> TokenOutput:
+        """The teacher's output on ``batch`` read from the token store: dense
+        log-probabilities (``uniform``/``drop``), or no logits and the rows (``bucket``)."""
+        if "index" not in batch:
+            raise ConfigError(
+                "model.token_store",
+                self.token_store,
+                "the batches carry no dataset `index`: use a PromptCompletionDataModule",
+            )
+        targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        if tail == "bucket":
+            out = TokenOutput(None, mask, targets.clamp_min(0))
+            out.stored_rows = self._store.batch_rows(stage, batch["index"], mask, targets)
+            return out
+        logits = self._store.dense_logits(stage, batch["index"], mask, targets, tail)
+        return TokenOutput(logits, mask, targets.clamp_min(0))
+
+    def _bucket_term(self, head: TokenHead, student: TokenOutput, teacher: TokenOutput) -> Tensor:
+        from kd_lightning.modules.lm_token_store import store_token_loss
+
+        kwargs = {k: v for k, v in head.fn.keywords.items() if k != "temperature"}
+        s = student.logits[student.mask]
+        loss = store_token_loss(s, teacher.stored_rows, head.divergence, "bucket", **kwargs)
+        return loss.sum() * head.scale
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -645,6 +734,31 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
                 "the teacher was trained with another tokenizer; cross-tokenizer "
                 "distillation is not supported: give the data the teacher's tokenizer",
             )
+        if self.token_store and self._store is None:
+            self._store = self._open_store(dm)
+
+    def _open_store(self, dm: Any) -> Any:
+        from kd_lightning.data.lm import tokenizer_digest
+        from kd_lightning.modules.lm_token_store import LMTokenStore, chat_template_digest
+
+        tokenizer = getattr(dm, "tokenizer", None)
+        if tokenizer is None:
+            raise ConfigError(
+                "model.token_store", self.token_store, "it needs a PromptCompletionDataModule"
+            )
+        fingerprint = {  # the teacher's SHA-256 was taken once, at build (set_teachers)
+            "teacher": self.teacher_fingerprints[0],
+            "tokenizer": tokenizer_digest(tokenizer),
+            "chat_template": chat_template_digest(tokenizer),
+        }
+        store = LMTokenStore(self.token_store, fingerprint, "model.token_store")
+        if store.vocab != self.real_vocab:
+            raise ConfigError(
+                "model.token_store",
+                self.token_store,
+                f"it holds {store.vocab} tokens, the data's tokenizer {self.real_vocab}",
+            )
+        return store
 
     def special_ids(self) -> tuple[int, int | None]:
         """(pad, eos) ids: the data's tokenizer's, else the student's config's."""
@@ -803,14 +917,24 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
                 self._to_replay(batch)
         elif action == "replay":
             batch = self._from_replay(len(batch["input_ids"]), batch_idx)
-        teacher = self.teacher_output(batch)
+        if self._store is not None:  # action is "dataset": on-policy is refused with a store
+            teacher = self.stored_teacher("train", batch, self.token_store_tail)
+        else:
+            teacher = self.teacher_output(batch)
         student = self.lm_output(self.student, batch, hidden=self._hidden)
         total, terms = None, {}
         for head in self.heads:
             w = head.current_weight(self.current_epoch, self.global_step)
             if w == 0:
                 continue
-            term = head(student, teacher, batch)
+            if (
+                self._store is not None
+                and teacher.logits is None
+                and isinstance(head, TokenDivergence)
+            ):
+                term = self._bucket_term(head, student, teacher)
+            else:
+                term = head(student, teacher, batch)
             terms[head.name] = term.detach()
             total = w * term if total is None else total + w * term
         if total is None:
@@ -896,6 +1020,9 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         return self.teacher
 
     def eval_teacher_output(self, batch: dict[str, Tensor]) -> TokenOutput:
+        stage = "test" if self._trainer is not None and self.trainer.testing else "val"
+        if self._store is not None and stage in self._store.stages:
+            return self.stored_teacher(stage, batch, "uniform")
         return self.teacher_output(batch)
 
 
