@@ -359,7 +359,27 @@ def _mean_std(row: dict[str, Any], key: str) -> str:
     return text if std in (None, "") else f"{text} ± {_pct1(std)}"
 
 
+def _lm_table(rows: list[dict[str, Any]]) -> list[str]:
+    """A causal-LM experiment: held-out NLL, KL to the teacher and ROUGE-L, not accuracies."""
+    def cell(r: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> str:
+        mean, std = r.get(f"{key}_mean"), r.get(f"{key}_std")
+        if mean in (None, ""):
+            return "–"
+        text = f"{scale * float(mean):.{digits}f}"
+        return text if std in (None, "") else f"{text} ± {scale * float(std):.{digits}f}"
+
+    out = ["| row | kind | seeds | NLL (nats/token) | KL(teacher ‖ student) | ROUGE-L F (%) |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r.get('name', '')} | {r.get('kind', '')} | {r.get('n_seeds', '')} | "
+                   f"{cell(r, 'test_nll_best')} | {cell(r, 'test_kl_best')} | "
+                   f"{cell(r, 'test_rougeL_best', 100, 1)} |")
+    return out
+
+
 def _experiment_table(rows: list[dict[str, Any]]) -> list[str]:
+    if any(r.get("test_nll_best_mean") not in (None, "") for r in rows):
+        return _lm_table(rows)
     out = ["| row | kind | seeds | best-val ckpt (%) | last epoch (%) | best epoch on test (%) | "
            "Δ scratch, best-val (pp) | published (%) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
