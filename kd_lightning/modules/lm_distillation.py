@@ -50,6 +50,7 @@ from kd_lightning.models.lm import LoRASpec, apply_lora, backbone, build_causal_
 from kd_lightning.modules.base import BaseModule
 from kd_lightning.modules.frozen_teacher import FrozenTeacherModule
 from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, copy_from_teacher
+from kd_lightning.modules.sharding import is_sharded, reshard_frozen
 from kd_lightning.modules.teacher import TeacherSpec, freeze, mark_untrained
 
 EVAL_SUMS = ("tokens", "nll", "teacher_nll", "kl", "reverse_kl", "jsd")
@@ -708,18 +709,30 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2), shard the student and the
+        frozen teacher over the data-parallel mesh (``modules/sharding.py``); otherwise
+        nothing."""
+        from kd_lightning.modules.sharding import shard_distiller
+
+        shard_distiller(self, self.device_mesh)
+
     def teacher_output(self, batch: dict[str, Tensor]) -> TokenOutput:
         bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+        # FSDP2's all-gather buffers must not become inference tensors: no_grad when sharded
+        no_grad = torch.no_grad() if is_sharded(self.teacher) else torch.inference_mode()
+        with no_grad, torch.autocast("cuda", torch.bfloat16, enabled=bf16):
             out = self.lm_output(self.teacher, batch, hidden=self._hidden)
         # out of inference mode (fp32), so the heads may save them for backward
-        return TokenOutput(
+        out = TokenOutput(
             None if out.logits is None else out.logits.float().clone(),
             out.mask,
             out.targets,
             tuple(h.float().clone() for h in out.hidden_states),
-            out.head_weight,
+            None if is_sharded(self.teacher) else out.head_weight,
         )
+        reshard_frozen(self.teacher)  # FSDP2 (configs/trainer/fsdp*.yaml) only
+        return out
 
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None)
