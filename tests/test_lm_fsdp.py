@@ -6,7 +6,8 @@ each rank holding half of every sharded dimension), the teacher has no gradients
 in eval mode; the checkpoint is the student's full state dict (no teacher), equal to the
 student gathered from the shards, and loads into a plain 1-process module whose validation
 NLL equals the one the 2-rank run logged (float sums reduced over 2 ranks in another order:
-1e-5); a resume from ``last.ckpt`` continues the fit. Lightning's FSDPStrategy (FSDP1)
+1e-5); the same fit under DDP ends at the same student (1e-5); a resume from the
+checkpoint continues the fit. Lightning's FSDPStrategy (FSDP1)
 refuses CPU; that refusal is checked in one line too.
 """
 
@@ -129,7 +130,7 @@ def lm_setup(tmp_path_factory):
     return root, config, dm
 
 
-def _fit(out: Path, config: Path, *extra: str) -> list[dict]:
+def _fit(out: Path, config: Path, *extra: str, trainer: str = "fsdp_cpu.yaml") -> list[dict]:
     ranks = out / "ranks"
     ranks.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -140,7 +141,7 @@ def _fit(out: Path, config: Path, *extra: str) -> list[dict]:
         "-c",
         str(config),
         "-c",
-        str(CONFIGS / "trainer" / "fsdp_cpu.yaml"),
+        str(CONFIGS / "trainer" / trainer),
         *logger_args(out / "logs", "fsdp"),
         f"--checkpoint.dirpath={out / 'ckpt'}",
         "--trainer.callbacks+=tests.test_lm_fsdp.DumpShards",
@@ -153,7 +154,7 @@ def _fit(out: Path, config: Path, *extra: str) -> list[dict]:
     return [torch.load(ranks / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
-@pytest.mark.slow  # two 2-process fits: ~50 s each on 2 loaded cores
+@pytest.mark.slow  # three 2-process fits: ~50 s each on 2 loaded cores
 def test_fsdp_shards_student_and_teacher_on_two_cpu_processes(lm_setup, tmp_path):
     root, config, dm = lm_setup
     ranks = _fit(tmp_path, config)
@@ -195,6 +196,21 @@ def test_fsdp_shards_student_and_teacher_on_two_cpu_processes(lm_setup, tmp_path
     )[0]
     print("2-rank FSDP val/nll", logged["val/nll"], "1-process", single["val/nll"])
     assert abs(float(logged["val/nll"]) - single["val/nll"]) <= 1e-5
+
+    # the same 2-rank fit under DDP (same sampler, seeds and global batch; DDP's gradient is
+    # tested equal to one process on the whole batch in test_lm_module.py) ends at the same
+    # student: FSDP's reduce-scatter only sums in another order (AdamW, 4 steps: 1e-5)
+    ddp = _fit(
+        tmp_path / "ddp",
+        config,
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.precision=32-true",
+        trainer="ddp.yaml",
+    )
+    assert ddp[0]["strategy"] == "DDPStrategy"
+    for k, v in ranks[0]["student_full"].items():
+        torch.testing.assert_close(ddp[0]["student_full"][k], v, rtol=0, atol=1e-5)
 
     # resume the sharded fit from its full-state checkpoint
     resumed = _fit(tmp_path, config, "--trainer.max_steps=6", f"--ckpt_path={ckpt}")
