@@ -47,6 +47,7 @@ from kd_lightning.losses.lm import TokenCrossEntropy, TokenDivergence, TokenHead
 from kd_lightning.losses.lm.divergences import forward_kl, generalized_jsd, reverse_kl
 from kd_lightning.losses.outputs import TokenOutput
 from kd_lightning.models.lm import LoRASpec, apply_lora, backbone, build_causal_lm
+from kd_lightning.models.lm_generate import Engine, check_engine, make_engine
 from kd_lightning.modules.base import BaseModule
 from kd_lightning.modules.frozen_teacher import FrozenTeacherModule
 from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, copy_from_teacher
@@ -79,6 +80,10 @@ class OnPolicySpec:
             ``constant`` 0.5, ``increasing`` step/total. jongwooko/distillm@d47e77f
             finetune.py L291-L323 and L412-L417; defaults arguments.py L186-L192. The
             buffer is not checkpointed (p and the last loss are).
+        engine: ``hf`` (``generate``, the default) or ``vllm`` (vLLM in this process, the
+            student's weights copied in after each optimizer step; ``pip install
+            "kd-lightning[vllm]"``, a CUDA GPU; ``models/lm_generate.py``).
+        vllm_kwargs: extra ``vllm.LLM`` arguments (``gpu_memory_utilization``, ``dtype``...).
     """
 
     lmbda: float = 0.0
@@ -92,8 +97,11 @@ class OnPolicySpec:
     loss_eps: float = 0.1
     capacity: int = 1000
     replay_ratio: Literal["decreasing", "constant", "increasing"] = "decreasing"
+    engine: Engine = "hf"
+    vllm_kwargs: dict[str, Any] | None = None
 
     def check(self) -> None:
+        check_engine(self.engine, "model.on_policy.engine")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError("model.on_policy.lmbda", self.lmbda, "use a probability in [0, 1]")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -165,6 +173,8 @@ class SequenceKDSpec:
         seed: of the sampling RNG (the run's own RNG is left as it was).
         generation_batch_size: prompts per ``generate`` call.
         regenerate: replace a stored file whose key differs.
+        engine, vllm_kwargs: the teacher's generation engine, as ``OnPolicySpec``'s (part of
+            the key when not ``hf``).
     """
 
     path: str = "data/llm/sequence_kd/teacher_generations.pt"
@@ -174,6 +184,8 @@ class SequenceKDSpec:
     seed: int = 0
     generation_batch_size: int = 32
     regenerate: bool = False
+    engine: Engine = "hf"
+    vllm_kwargs: dict[str, Any] | None = None
 
 
 def sequence_kd_key(fingerprints: Any, tokenizer: str | None, spec: SequenceKDSpec, train) -> str:
@@ -182,6 +194,8 @@ def sequence_kd_key(fingerprints: Any, tokenizer: str | None, spec: SequenceKDSp
     for row in train:
         prompts.update(json.dumps(row["input_ids"][: row["prompt_len"]]).encode())
     settings = [spec.temperature, spec.top_p, spec.max_new_tokens, spec.seed]
+    if spec.engine != "hf":  # hf keys stay as they were before engines existed
+        settings.append(spec.engine)
     payload = json.dumps([fingerprints, tokenizer, prompts.hexdigest(), settings], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -587,6 +601,9 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         )
         if on_policy is not None:
             on_policy.check()
+        if sequence_kd is not None:
+            check_engine(sequence_kd.engine, "model.sequence_kd.engine")
+        self._engines: dict[str, Any] = {}  # field -> generation engine (models/lm_generate.py)
         self.allow_teacher_change = allow_teacher_change
         self.real_vocab = _check_vocab(num_classes, vocab_sizes)
         self.chunk_size, self.generate_samples = int(chunk_size), int(generate_samples)
@@ -791,42 +808,35 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         field: str,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """(prompts, completions) of ``batch``'s rows, completed by ``model`` through
-        ``generate`` (KV cache) at ``spec``'s temperature/top_p/length, left-padded in
-        chunks of ``spec.generation_batch_size``, each completion cut after its first EOS."""
+        ``spec.engine`` (``hf``: ``generate`` with a KV cache, left-padded in chunks of
+        ``spec.generation_batch_size``; ``vllm``) at ``spec``'s temperature/top_p/length,
+        each completion cut after its first EOS."""
         pad, eos = self.special_ids()
         if pad is None:
             raise ConfigError(field, spec, "the tokenizer has neither a pad nor an EOS token")
         ids, attention = left_padded_prompts(batch, pad)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": spec.max_new_tokens,
-            "pad_token_id": pad,
-            "eos_token_id": eos,
-            "use_cache": True,
-        }
-        if spec.temperature > 0:
-            kwargs.update(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        rows = model.get_output_embeddings().weight.shape[0]
-        if rows > self.real_vocab:  # a padded table: never sample a token the tokenizer lacks
-            kwargs["suppress_tokens"] = list(range(self.real_vocab, rows))
-        size = spec.generation_batch_size or len(ids)
-        was_training = model.training
-        model.eval()  # no dropout while sampling
-        generated: list[Tensor] = []
-        try:
-            for start in range(0, len(ids), size):
-                chunk, chunk_attention = ids[start : start + size], attention[start : start + size]
-                cut = int((chunk_attention.sum(0) == 0).sum())  # this chunk's all-pad columns
-                out = model.generate(
-                    input_ids=chunk[:, cut:], attention_mask=chunk_attention[:, cut:], **kwargs
-                )
-                generated.extend(out[:, chunk.shape[1] - cut :])
-        finally:
-            nn.Module.train(model, was_training)
+        engine = self.generation_engine(field, spec)
+        version = "frozen" if model is self.teacher else self.global_step  # weights change
+        generated = engine.generate(  # only at an optimizer step (or never: the teacher)
+            model,
+            ids,
+            attention,
+            spec,
+            pad_id=pad,
+            eos_id=eos,
+            real_vocab=self.real_vocab,
+            weights_version=version,
+        )
         lens = prompt_lengths(batch).tolist()
         prompts = [batch["input_ids"][i, :n] for i, n in enumerate(lens)]
         return prompts, [g[completion_mask(g[None], eos)[0]] for g in generated]
+
+    def generation_engine(self, field: str, spec: OnPolicySpec | SequenceKDSpec) -> Any:
+        """``spec.engine`` for ``field``, built once (vllm is imported only here)."""
+        engine = self._engines.get(field)
+        if engine is None or engine.name != spec.engine:
+            engine = self._engines[field] = make_engine(spec.engine, f"{field}.engine")
+        return engine
 
     def generate_completions(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch's prompts completed by the student (see ``OnPolicySpec``)."""
@@ -879,6 +889,9 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
                 batch = {k: v.to(self.device) for k, v in collate(rows).items()}
                 _, completions = self.sample(self.teacher, batch, spec, "model.sequence_kd")
                 out.extend(c.tolist() for c in completions)
+        engine = self._engines.pop("model.sequence_kd", None)
+        if engine is not None:
+            engine.close()  # frees a vLLM engine's GPU memory before training
         path.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: getattr(spec, k) for k in ("temperature", "top_p", "max_new_tokens", "seed")}
         tmp = path.with_suffix(path.suffix + ".tmp")
