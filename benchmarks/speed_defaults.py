@@ -5,10 +5,19 @@ training step of ``DistillationModule`` (teacher forward, student forward, loss,
 optimizer step) built with each setting. Rounds are interleaved — every round times every
 setting on the same batches, in turn — so machine load drifts affect all settings alike;
 the result per setting is the median s/step over rounds, and each setting's ratio to
-all-off is the median of its per-round ratios. "Same results" is checked too: the loss of
-every step must match all-off's to float tolerance (channels_last changes only the
-memory layout, not the math). The untrained teacher's BatchNorm statistics are set from a
-batch first (``calibrate_bn``), so it behaves like a trained network numerically.
+all-off is the median of its per-round ratios. The untrained teacher's BatchNorm statistics
+are set from a batch first (``calibrate_bn``), so it behaves like a trained network
+numerically.
+
+"Same results" is checked two ways, because they answer different questions:
+
+- ``step0_*``: one step from the same initial weights, each setting's loss and student
+  gradient against a float64 reference of the same step (all-off in double precision).
+  This is the same-math check: a layout change should leave the error at fp32 rounding.
+- ``max_abs_loss_diff_vs_off``: the loss trajectory over all timed steps against all-off.
+  SGD on random labels is chaotic, so this drift amplifies any rounding difference;
+  ``control_perturbed`` (all-off with the student's initial weights multiplied by
+  1 + 1e-6·N(0, 1)) shows how far a rounding-sized change travels on its own.
 
     python -m benchmarks.speed_defaults --out docs/results/speed_defaults_cpu.json
 """
@@ -37,10 +46,11 @@ SETTINGS: dict[str, tuple[bool, bool, str]] = {
     "teacher_channels_last": (False, True, "none"),
     "both_channels_last": (True, True, "none"),
     "both_channels_last+compile": (True, True, "both"),
+    "control_perturbed": (False, False, "none"),  # not a speed setting: the chaos yardstick
 }
 
 
-def build(setting: tuple[bool, bool, str]) -> tuple[DistillationModule, torch.optim.Optimizer]:
+def build(setting: tuple[bool, bool, str], perturb: float = 0.0) -> tuple[DistillationModule, torch.optim.Optimizer]:
     student_cl, teacher_cl, compile_ = setting
     torch.manual_seed(0)
     module = DistillationModule(
@@ -54,6 +64,11 @@ def build(setting: tuple[bool, bool, str]) -> tuple[DistillationModule, torch.op
     if teacher_cl:
         for t in module.teachers:
             Performance(channels_last=True).apply(t, "teacher")
+    if perturb:
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in module.student.parameters():
+                p.mul_(1 + perturb * torch.randn(p.shape, generator=g).to(p.dtype))
     calibrate_bn(module.teacher, [torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))])
     module.train()
     return module, torch.optim.SGD(module.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -67,6 +82,33 @@ def step(module: DistillationModule, opt: torch.optim.Optimizer, batch: dict) ->
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def step0(module: DistillationModule, batch: dict) -> tuple[float, torch.Tensor]:
+    """The first step's loss and the student's flattened gradient (no optimizer step)."""
+    teacher = module.teacher_forward(batch)
+    loss, _ = module.compute_loss(ModelOutput(module.student(batch["image"]), {}), teacher, batch)
+    loss.backward()
+    grad = torch.cat([p.grad.detach().double().flatten() for p in module.student.parameters()])
+    module.student.zero_grad(set_to_none=True)
+    return float(loss.detach()), grad
+
+
+def same_math(names: list[str], batch: dict) -> dict[str, dict[str, float]]:
+    """Step 0 of each setting against the float64 reference (all-off, double precision)."""
+    ref, _ = build(SETTINGS["off"])
+    ref.double()
+    ref_loss, ref_grad = step0(ref, {**batch, "image": batch["image"].double()})
+    out = {}
+    for name in names:
+        module, _ = build(SETTINGS[name], perturb=1e-6 if name == "control_perturbed" else 0.0)
+        loss, grad = step0(module, batch)
+        out[name] = {
+            "step0_loss_abs_err_vs_fp64": abs(loss - ref_loss),
+            "step0_grad_rel_err_vs_fp64": float((grad - ref_grad).norm() / ref_grad.norm()),
+        }
+        print(name, out[name], flush=True)
+    return out
 
 
 def main() -> None:
@@ -87,7 +129,11 @@ def main() -> None:
          "index": torch.arange(args.batch), "view": torch.zeros(args.batch, dtype=torch.long)}
         for _ in range(args.steps)
     ]
-    models = {name: build(SETTINGS[name]) for name in args.settings}
+    checks = same_math(args.settings, batches[0])
+    models = {
+        name: build(SETTINGS[name], perturb=1e-6 if name == "control_perturbed" else 0.0)
+        for name in args.settings
+    }
     for module, opt in models.values():  # warm-up (and compilation) outside the timing
         step(module, opt, batches[0])
     times: dict[str, list[float]] = {n: [] for n in models}
@@ -111,6 +157,7 @@ def main() -> None:
             "s_per_step_rounds": [round(x, 4) for x in t],
             "speedup_vs_off_median": round(statistics.median(ratios), 3),
             "max_abs_loss_diff_vs_off": diff,
+            **checks[name],
         }
         print(name, result["settings"][name], flush=True)
     write_result(result, args.out)

@@ -45,8 +45,8 @@ JSON_RUNS = {
                        "--batch", "2", "--ks", "2", "5", "--kl-images", "4", "--store-samples", "64",
                        "--repeats", "1"], "per_k"),
     "imagenet_step": (["--batch", "2", "--steps", "1", "--warmup", "1", "--k", "5"], "runs"),
-    "speed_defaults": (["--batch", "2", "--steps", "1", "--rounds", "1", "--settings", "off",
-                        "both_channels_last"], "settings"),  # compile: minutes on a CPU
+    "speed_defaults": (["--batch", "4", "--steps", "1", "--rounds", "1", "--settings", "off",
+                        "both_channels_last", "control_perturbed"], "settings"),  # compile: minutes on a CPU
 }
 
 
@@ -61,3 +61,7 @@ def test_json_benchmark_writes_its_result_file(script, monkeypatch, tmp_path):
     result = json.loads(out.read_text())
     assert result["machine"]["cpu_model"] and result["machine"]["nproc"] >= 1
     assert result[key]
+    if script == "speed_defaults":  # the same-math check is against a true fp64 twin of step 0
+        off = result["settings"]["off"]
+        assert off["step0_loss_abs_err_vs_fp64"] < 1e-4
+        assert 0 < off["step0_grad_rel_err_vs_fp64"] < 1e-3
