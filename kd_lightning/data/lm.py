@@ -13,6 +13,18 @@ completion: one critic's review. Films are split into train/val/test, so no plot
 splits. Its tokenizer is a byte-level BPE trained here on the training split and saved as
 a standard tokenizer folder (``PreTrainedTokenizerFast.save_pretrained``) under
 ``data_dir``, reused on the next run.
+
+Cross-tokenizer pairs. With a teacher tokenizer (``teacher_tokenizer``: a folder; or, for
+``MovieReviewsLMDataModule``, ``teacher_vocab_size``: a second BPE trained the same way on
+the same corpus), every row is tokenized twice, the same prompt/completion texts and the
+same truncation rule, and batches also carry ``teacher_input_ids``,
+``teacher_attention_mask`` and ``teacher_labels`` (-100 off the teacher's completion), plus
+``byte_ends``/``teacher_byte_ends``: at each completion token, the UTF-8 byte offset where it
+ends, counted from the completion's first byte (-1 elsewhere), what byte-span alignment
+(``kd_lightning.losses.lm.align``) reads. The offsets come from the tokens' own bytes
+(``align.byte_spans``): exact for byte-level BPE, where the fast tokenizer's character
+offsets (``return_offsets_mapping``) are trimmed of spaces and overlap inside multi-byte
+characters.
 """
 
 from __future__ import annotations
@@ -46,26 +58,57 @@ def tokenizer_digest(tokenizer: Any) -> str:
     ]
 
 
+def _pad_rows(
+    rows: list[dict[str, Any]], prefix: str, pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, attention, labels) of the rows' ``{prefix}input_ids``, right-padded."""
+    key, lens = f"{prefix}input_ids", f"{prefix}prompt_len"
+    width = max(len(r[key]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n, p = len(r[key]), r[lens]
+        ids[i, :n] = torch.tensor(r[key])
+        attention[i, :n] = 1
+        labels[i, p:n] = ids[i, p:n]
+    return ids, attention, labels
+
+
+def _pad_byte_ends(rows: list[dict[str, Any]], prefix: str, width: int) -> Tensor:
+    """``[B, width]``: each completion token's byte end at its position, -1 elsewhere."""
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        p, ends = r[f"{prefix}prompt_len"], r[f"{prefix}byte_ends"]
+        out[i, p : p + len(ends)] = torch.tensor(ends, dtype=torch.long)
+    return out
+
+
 class PromptCompletionCollator:
     """Right-pads ``input_ids``; ``labels`` are -100 on prompt and padding tokens; rows with
-    an ``index`` (their dataset row) pass it on, which a token store is read by."""
+    an ``index`` (their dataset row) pass it on, which a token store is read by. Rows
+    tokenized for a teacher too (``teacher_input_ids``) also give ``teacher_input_ids``,
+    ``teacher_attention_mask``, ``teacher_labels`` (padded with ``teacher_pad_id``),
+    ``byte_ends`` and ``teacher_byte_ends`` (see the module docstring)."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, teacher_pad_id: int | None = None) -> None:
+        self.pad_id, self.teacher_pad_id = pad_id, teacher_pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n, p = len(r["input_ids"]), r["prompt_len"]
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            attention[i, :n] = 1
-            labels[i, p:n] = ids[i, p:n]
+        ids, attention, labels = _pad_rows(rows, "", self.pad_id)
         out = {"input_ids": ids, "attention_mask": attention, "labels": labels}
         if rows and "index" in rows[0]:
             out["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+        if rows and "teacher_input_ids" in rows[0]:
+            pad = self.pad_id if self.teacher_pad_id is None else self.teacher_pad_id
+            t_ids, t_attention, t_labels = _pad_rows(rows, "teacher_", pad)
+            out.update(
+                teacher_input_ids=t_ids,
+                teacher_attention_mask=t_attention,
+                teacher_labels=t_labels,
+                byte_ends=_pad_byte_ends(rows, "", ids.shape[1]),
+                teacher_byte_ends=_pad_byte_ends(rows, "teacher_", t_ids.shape[1]),
+            )
         return out
 
 
@@ -79,6 +122,9 @@ class PromptCompletionDataModule(L.LightningDataModule):
         max_length: tokens per example; the prompt is cut from the left to leave room for
             ``min_completion`` completion tokens, the completion from the right.
         batch_size, eval_batch_size, num_workers, seed: as usual.
+        teacher_tokenizer: the teacher's tokenizer folder when it differs from the
+            student's (a cross-tokenizer pair): rows are tokenized by both (see the module
+            docstring); the same ``max_length`` rule applies to each.
     """
 
     def __init__(
@@ -92,6 +138,7 @@ class PromptCompletionDataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        teacher_tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         if max_length <= min_completion:
@@ -110,6 +157,14 @@ class PromptCompletionDataModule(L.LightningDataModule):
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer_digest = tokenizer_digest(self.tokenizer)
+        self.teacher_tokenizer_name = teacher_tokenizer
+        #: the teacher's own tokenizer (None: the teacher reads the student's tokens)
+        self.teacher_tokenizer = self.load_teacher_tokenizer()
+        self.teacher_tokenizer_digest: str | None = None
+        if self.teacher_tokenizer is not None:
+            if self.teacher_tokenizer.pad_token_id is None:
+                self.teacher_tokenizer.pad_token = self.teacher_tokenizer.eos_token
+            self.teacher_tokenizer_digest = tokenizer_digest(self.teacher_tokenizer)
         self.splits: dict[str, Any] = {}
 
     # -- what the modules read (linked by the CLI) --------------------------------------------
@@ -136,6 +191,19 @@ class PromptCompletionDataModule(L.LightningDataModule):
         except OSError as err:
             raise ConfigError(
                 "data.tokenizer", self.tokenizer_name, str(err).splitlines()[0]
+            ) from None
+
+    def load_teacher_tokenizer(self):
+        """The teacher's tokenizer (``teacher_tokenizer``), or None."""
+        from transformers import AutoTokenizer
+
+        if not self.teacher_tokenizer_name:
+            return None
+        try:
+            return AutoTokenizer.from_pretrained(self.teacher_tokenizer_name)
+        except OSError as err:
+            raise ConfigError(
+                "data.teacher_tokenizer", self.teacher_tokenizer_name, str(err).splitlines()[0]
             ) from None
 
     def load_rows(self) -> dict[str, list[dict[str, str]]]:
@@ -182,6 +250,7 @@ class PromptCompletionDataModule(L.LightningDataModule):
                     type(self).__name__,
                     {k: len(v) for k, v in rows.items()},
                     self.dataset_key(),
+                    *([self.teacher_tokenizer_digest] if self.teacher_tokenizer else []),
                 ]
             ).encode()
         ).hexdigest()[:12]
@@ -212,12 +281,17 @@ class PromptCompletionDataModule(L.LightningDataModule):
         return self.data_files
 
     def _tokenize(self, batch: dict[str, list[str]]) -> dict[str, list]:
-        tok = self.tokenizer
+        out = self._encode(self.tokenizer, batch, "", self.teacher_tokenizer is not None)
+        if self.teacher_tokenizer is not None:
+            out.update(self._encode(self.teacher_tokenizer, batch, "teacher_", True))
+        return out
+
+    def _encode(self, tok: Any, batch: dict[str, list[str]], prefix: str, ends: bool) -> dict:
         prompts = tok(batch["prompt"], add_special_tokens=False)["input_ids"]
         completions = tok(
             [c + tok.eos_token for c in batch["completion"]], add_special_tokens=False
         )["input_ids"]
-        ids, lens = [], []
+        ids, lens, byte_ends = [], [], []
         for p, c in zip(prompts, completions):
             # the prompt keeps its last max_length − min_completion tokens, the completion
             # fills what is left (and its EOS is kept only when it fits)
@@ -225,13 +299,27 @@ class PromptCompletionDataModule(L.LightningDataModule):
             c = c[: self.max_length - len(p)]
             ids.append(p + c)
             lens.append(len(p))
-        return {"input_ids": ids, "prompt_len": lens}
+            if ends:
+                from kd_lightning.losses.lm.align import byte_spans
+
+                byte_ends.append([e for _, e in byte_spans(tok, c)])
+        out = {f"{prefix}input_ids": ids, f"{prefix}prompt_len": lens}
+        if ends:
+            out[f"{prefix}byte_ends"] = byte_ends
+        return out
 
     def replace_completions(self, split: str, completions: list[list[int]]) -> None:
         """Train on these completions (sequence-level KD): row i keeps its prompt and gets
         ``completions[i]``, cut to ``max_length``."""
         import datasets
 
+        if self.teacher_tokenizer is not None:
+            raise ConfigError(
+                "data.teacher_tokenizer",
+                self.teacher_tokenizer_name or getattr(self, "teacher_tokenizer_dir", None),
+                "sequence-level KD with a cross-tokenizer teacher is not supported: "
+                "remove model.sequence_kd",
+            )
         ds = self.splits[split]
         if len(completions) != len(ds):
             raise ConfigError(
@@ -259,12 +347,13 @@ class PromptCompletionDataModule(L.LightningDataModule):
     # -- loaders ----------------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id
+        t_pad = None if self.teacher_tokenizer is None else self.teacher_tokenizer.pad_token_id
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             num_workers=self.num_workers,
-            collate_fn=PromptCompletionCollator(pad),
+            collate_fn=PromptCompletionCollator(pad, t_pad),
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
@@ -278,7 +367,10 @@ class PromptCompletionDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokenizer_digest": self.tokenizer_digest}
+        out = {"tokenizer_digest": self.tokenizer_digest}
+        if self.teacher_tokenizer_digest:
+            out["teacher_tokenizer_digest"] = self.teacher_tokenizer_digest
+        return out
 
 
 class MovieReviewsLMDataModule(PromptCompletionDataModule):
@@ -289,8 +381,12 @@ class MovieReviewsLMDataModule(PromptCompletionDataModule):
         plot_chars: the plot is cut to its first ``plot_chars`` characters.
         val_films, test_films: films held out for validation and test.
         max_train_examples: keep at most this many training pairs (0: all), for CPU runs.
+        teacher_vocab_size: > 0: the teacher's tokenizer is a second byte-level BPE of this
+            size, trained the same way on the same split (a cross-tokenizer pair; the folder
+            ``bpe-<size>-seed<seed>`` is the one a teacher trained on this data with
+            ``vocab_size: <size>`` used). 0: none, or ``teacher_tokenizer``'s folder.
         **kwargs: ``PromptCompletionDataModule``'s (``tokenizer``: a folder to use instead of
-            training one).
+            training one; ``teacher_tokenizer``).
     """
 
     def __init__(
@@ -301,10 +397,18 @@ class MovieReviewsLMDataModule(PromptCompletionDataModule):
         test_films: int = 12,
         max_train_examples: int = 0,
         max_eval_examples: int = 256,
+        teacher_vocab_size: int = 0,
         **kwargs: Any,
     ) -> None:
         if vocab_size < 300:
             raise ConfigError("data.vocab_size", vocab_size, "use >= 300 (256 bytes + merges)")
+        if teacher_vocab_size and (teacher_vocab_size < 300 or kwargs.get("teacher_tokenizer")):
+            raise ConfigError(
+                "data.teacher_vocab_size",
+                teacher_vocab_size,
+                "use >= 300 (256 bytes + merges), and not with data.teacher_tokenizer",
+            )
+        self.teacher_vocab_size = teacher_vocab_size
         self.vocab_size, self.plot_chars = vocab_size, plot_chars
         self.val_films, self.test_films = val_films, test_films
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
@@ -363,12 +467,23 @@ class MovieReviewsLMDataModule(PromptCompletionDataModule):
     def load_tokenizer(self):
         if self.tokenizer_name:
             return super().load_tokenizer()
+        tok, self.tokenizer_dir = self._bpe(self.vocab_size)
+        return tok
+
+    def load_teacher_tokenizer(self):
+        if not self.teacher_vocab_size:
+            return super().load_teacher_tokenizer()
+        tok, self.teacher_tokenizer_dir = self._bpe(self.teacher_vocab_size)
+        return tok
+
+    def _bpe(self, vocab_size: int) -> tuple[Any, str]:
+        """The byte-level BPE of ``vocab_size`` tokens trained on the training split (and
+        its folder), trained and saved on the first call."""
         from transformers import PreTrainedTokenizerFast
 
-        folder = self.data_dir / f"bpe-{self.vocab_size}-seed{self.seed}"
-        self.tokenizer_dir = str(folder)
+        folder = self.data_dir / f"bpe-{vocab_size}-seed{self.seed}"
         if (folder / "tokenizer.json").is_file():
-            return PreTrainedTokenizerFast.from_pretrained(str(folder))
+            return PreTrainedTokenizerFast.from_pretrained(str(folder)), str(folder)
         from tokenizers import ByteLevelBPETokenizer
 
         texts = [
@@ -378,7 +493,7 @@ class MovieReviewsLMDataModule(PromptCompletionDataModule):
         ]
         bpe = ByteLevelBPETokenizer()
         bpe.train_from_iterator(
-            texts, vocab_size=self.vocab_size, min_frequency=2, special_tokens=[EOS, PAD]
+            texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD]
         )
         tok = PreTrainedTokenizerFast(
             tokenizer_object=bpe._tokenizer,
@@ -389,4 +504,4 @@ class MovieReviewsLMDataModule(PromptCompletionDataModule):
         )
         folder.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(folder))
-        return tok
+        return tok, str(folder)

@@ -254,8 +254,12 @@ class _CausalLMCore:
     _window_tokens: Tensor | None = None
 
     # -- forward ---------------------------------------------------------------------------
-    def lm_output(self, model: nn.Module, batch: dict[str, Tensor], hidden: bool) -> TokenOutput:
-        """The model's shifted outputs: logits (or, chunked, none), mask and targets."""
+    def lm_output(
+        self, model: nn.Module, batch: dict[str, Tensor], hidden: bool, vocab: int = 0
+    ) -> TokenOutput:
+        """The model's shifted outputs: logits (or, chunked, none), mask and targets; logits
+        and head rows cut to ``vocab`` (default the data's tokenizer's)."""
+        vocab = vocab or self.real_vocab
         chunked = self.chunk_size > 0
         ids, attention = batch["input_ids"], batch["attention_mask"]
         if chunked:
@@ -269,7 +273,7 @@ class _CausalLMCore:
             out = model(input_ids=ids, attention_mask=attention, output_hidden_states=hidden)
             states, logits = (
                 (out.hidden_states if hidden else ()),
-                out.logits[:, :-1, : self.real_vocab],
+                out.logits[:, :-1, :vocab],
             )
         targets = batch["labels"][:, 1:]
         mask = targets != -100
@@ -278,7 +282,7 @@ class _CausalLMCore:
             mask=mask,
             targets=targets.clamp_min(0),
             hidden_states=tuple(s[:, :-1] for s in states),
-            head_weight=model.get_output_embeddings().weight[: self.real_vocab],
+            head_weight=model.get_output_embeddings().weight[:vocab],
         )
 
     # -- token accounting ---------------------------------------------------------------------
@@ -486,6 +490,8 @@ def build_lm_teacher(spec: TeacherSpec, vocab: int, field: str) -> nn.Module:
             raise ConfigError(
                 f"{field}.checkpoint", spec.checkpoint, "this is not a CausalLMModule checkpoint"
             )
+        # its own tokenizer's size (the data's, unless it is a cross-tokenizer teacher)
+        vocab = _check_vocab(hparams.get("num_classes") or vocab, hparams.get("vocab_sizes"))
         model = build_causal_lm(
             hparams["model"], vocab, hparams.get("model_kwargs"), f"{field}.model"
         )
@@ -503,28 +509,32 @@ def build_lm_teacher(spec: TeacherSpec, vocab: int, field: str) -> nn.Module:
             ) from None
         model.kd_tokenizer = ckpt.get("kd_lm_tokenizer")
     elif spec.model:
+        digest, own = _folder_tokenizer(spec.model)
+        vocab = own or vocab
         model = build_causal_lm(spec.model, vocab, spec.model_kwargs, f"{field}.model")
         if spec.weights:
             model.load_state_dict(read_checkpoint(spec.weights, f"{field}.weights", "fix the path"))
-        model.kd_tokenizer = _folder_tokenizer(spec.model)
+        model.kd_tokenizer = digest
     else:
         raise ConfigError(field, spec, "give a teacher `checkpoint` or a `model` (hf:<folder>)")
+    model.kd_real_vocab = vocab  # its logits are cut to its tokenizer's tokens
     mark_untrained(model, spec, field)  # a built-in llama/gpt2 is random: refused at fit start
     return freeze(model)
 
 
-def _folder_tokenizer(name: str) -> str | None:
-    """The digest of the tokenizer saved beside an ``hf:`` model, if it has one."""
+def _folder_tokenizer(name: str) -> tuple[str | None, int]:
+    """(digest, size) of the tokenizer saved beside an ``hf:`` model, if it has one."""
     if not name.startswith("hf:"):
-        return None
+        return None, 0
     from transformers import AutoTokenizer
 
     from kd_lightning.data.lm import tokenizer_digest
 
     try:
-        return tokenizer_digest(AutoTokenizer.from_pretrained(name[3:]))
+        tok = AutoTokenizer.from_pretrained(name[3:])
     except (OSError, ValueError):
-        return None
+        return None, 0
+    return tokenizer_digest(tok), len(tok)
 
 
 class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
@@ -556,6 +566,14 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
             the store with the ``uniform`` tail (full support, so teacher_nll is finite).
         allow_teacher_change, num_classes, input_shape, vocab_sizes, generate_samples,
         max_new_tokens, optimizer, lr_scheduler: as in the other modules.
+
+    Cross-tokenizer pairs: when the data gives a teacher tokenizer (``teacher_tokenizer``,
+    ``teacher_vocab_size``) other than the student's, and the teacher was trained with it (its
+    checkpoint's tokenizer digest), the teacher runs on its own tokenization of each row and
+    the heads get both outputs: ``ULDLoss``/``AlignedSpanLoss`` (and ``TokenCrossEntropy``);
+    a same-vocabulary head, on-policy generation, sequence KD and a token store are refused.
+    Eval then logs the student's metrics only (teacher_nll, kl, ... and the teacher's ROUGE-L
+    would read the student's tokens).
 
     The teacher runs in inference mode, in bf16 autocast on a CUDA device that has it.
     Logs ``val/``/``test/`` ``nll``, ``ppl``, ``teacher_nll``, ``teacher_ppl`` and the
@@ -616,6 +634,9 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
             )
         self.student = build_causal_lm(student, self.real_vocab, student_kwargs, "model.student")
         self.set_teachers([build_lm_teacher(teacher, self.real_vocab, "model.teacher")], [1.0])
+        self.teacher_vocab = getattr(self.teacher, "kd_real_vocab", self.real_vocab)
+        #: the teacher reads its own tokenization of each row (set up from the data)
+        self.cross_tokenizer = False
         self.init_report: InitReport | None = None
         if init_from_teacher != "none":
             self.init_report = copy_from_teacher(self.student, self.teacher, init_from_teacher)
@@ -738,8 +759,14 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
         bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         # FSDP2's all-gather buffers must not become inference tensors: no_grad when sharded
         no_grad = torch.no_grad() if is_sharded(self.teacher) else torch.inference_mode()
+        if self.cross_tokenizer:  # its own tokens of the same rows (data.teacher_tokenizer)
+            batch = {
+                "input_ids": batch["teacher_input_ids"],
+                "attention_mask": batch["teacher_attention_mask"],
+                "labels": batch["teacher_labels"],
+            }
         with no_grad, torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            out = self.lm_output(self.teacher, batch, hidden=self._hidden)
+            out = self.lm_output(self.teacher, batch, self._hidden, self.teacher_vocab)
         # out of inference mode (fp32), so the heads may save them for backward
         out = TokenOutput(
             None if out.logits is None else out.logits.float().clone(),
@@ -753,19 +780,76 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self._trainer, "datamodule", None)
-        saved, now = (
+        saved, now, teacher_now = (
             getattr(self.teacher, "kd_tokenizer", None),
             getattr(dm, "tokenizer_digest", None),
+            getattr(dm, "teacher_tokenizer_digest", None),
         )
-        if saved and now and saved != now:
+        if teacher_now and saved and saved != teacher_now:
+            raise ConfigError(
+                "data.teacher_tokenizer",
+                getattr(dm, "teacher_tokenizer_dir", None) or dm.teacher_tokenizer_name,
+                "the teacher was trained with another tokenizer than this one: give the "
+                "teacher's own (its vocab size in data.teacher_vocab_size, or its folder)",
+            )
+        if not teacher_now and saved and now and saved != now:
             raise ConfigError(
                 "data.tokenizer",
                 getattr(dm, "tokenizer_dir", None),
-                "the teacher was trained with another tokenizer; cross-tokenizer "
-                "distillation is not supported: give the data the teacher's tokenizer",
+                "the teacher was trained with another tokenizer: give the data the teacher's "
+                "tokenizer, or give it as data.teacher_tokenizer (data.teacher_vocab_size for "
+                "MovieReviewsLMDataModule) and distil with ULDLoss or AlignedSpanLoss",
             )
+        self.cross_tokenizer = bool(teacher_now and now and teacher_now != now)
+        if self.cross_tokenizer:
+            self._check_cross_tokenizer()
+        elif self.teacher_vocab != self.real_vocab:
+            raise ConfigError(
+                "model.teacher",
+                self.hparams.get("teacher"),
+                f"its vocabulary has {self.teacher_vocab} tokens, the data's tokenizer "
+                f"{self.real_vocab}: give the data the teacher's tokenizer, or give it as "
+                "data.teacher_tokenizer and distil with ULDLoss or AlignedSpanLoss",
+            )
+        for h in self.heads:
+            if getattr(h, "needs_byte_ends", False) and not teacher_now:
+                raise ConfigError(
+                    "model.heads",
+                    h.name,
+                    f"{type(h).__name__} aligns two tokenizations by bytes: give the data "
+                    "data.teacher_tokenizer (or data.teacher_vocab_size)",
+                )
         if self.token_store and self._store is None:
             self._store = self._open_store(dm)
+
+    def _check_cross_tokenizer(self) -> None:
+        """What a teacher of another tokenizer cannot serve: heads that compare the two
+        models token by token in one vocabulary, and student- or teacher-generated
+        completions (they would need re-tokenizing for the other model)."""
+        for h in self.heads:
+            if h.weight > 0 and not h.is_task_loss and not getattr(h, "cross_tokenizer", False):
+                raise ConfigError(
+                    "model.heads",
+                    type(h).__name__,
+                    "it compares the models token by token in one vocabulary and this "
+                    "teacher has another tokenizer: use kd_lightning.losses.lm.ULDLoss or "
+                    "AlignedSpanLoss",
+                )
+        spec = self.on_policy
+        if spec is not None and (spec.lmbda > 0 or spec.schedule == "adaptive"):
+            raise ConfigError(
+                "model.on_policy",
+                spec,
+                "on-policy training with a teacher of another tokenizer is not supported",
+            )
+        for field, value in (
+            ("model.sequence_kd", self.sequence_kd),
+            ("model.token_store", self.token_store),
+        ):
+            if value:
+                raise ConfigError(
+                    field, value, "not supported with a teacher of another tokenizer: remove it"
+                )
 
     def _open_store(self, dm: Any) -> Any:
         from kd_lightning.data.lm import tokenizer_digest
@@ -1042,10 +1126,14 @@ class LMDistillationModule(_CausalLMCore, FrozenTeacherModule):
                 "ckpt_path", None, f"the LoRA checkpoint lacks trainable weights {missing[:3]}"
             )
 
-    def teacher_model(self) -> nn.Module:
-        return self.teacher
+    def teacher_model(self) -> nn.Module | None:
+        # a teacher of another tokenizer: its per-token metrics (teacher_nll, kl, ...) and
+        # ROUGE-L would read the student's tokens: the student's metrics only
+        return None if self.cross_tokenizer else self.teacher
 
-    def eval_teacher_output(self, batch: dict[str, Tensor]) -> TokenOutput:
+    def eval_teacher_output(self, batch: dict[str, Tensor]) -> TokenOutput | None:
+        if self.cross_tokenizer:
+            return None
         stage = "test" if self._trainer is not None and self.trainer.testing else "val"
         if self._store is not None and stage in self._store.stages:
             return self.stored_teacher(stage, batch, "uniform")

@@ -1,5 +1,6 @@
 """Token-level losses for causal-LM distillation."""
 
+from kd_lightning.losses.lm.align import AlignedSpanLoss
 from kd_lightning.losses.lm.chunked import chunked_token_loss
 from kd_lightning.losses.lm.divergences import (
     DIVERGENCES,
@@ -16,13 +17,16 @@ from kd_lightning.losses.lm.heads import (
     TokenDivergence,
     TokenHead,
 )
+from kd_lightning.losses.lm.uld import ULDLoss
 
 __all__ = [
     "DIVERGENCES",
+    "AlignedSpanLoss",
     "HiddenStateDistance",
     "TokenCrossEntropy",
     "TokenDivergence",
     "TokenHead",
+    "ULDLoss",
     "chunked_token_loss",
     "forward_kl",
     "generalized_jsd",

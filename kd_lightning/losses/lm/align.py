@@ -28,6 +28,10 @@ import torch
 from torch import Tensor
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.losses.base import check_temperature
+from kd_lightning.losses.lm.heads import TokenHead
+from kd_lightning.losses.outputs import TokenOutput
+from kd_lightning.losses.schedules import Schedule
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,6 +168,43 @@ def aligned_span_loss(
     extended ULD) or ``shared_kl`` (KL(teacher ‖ student) on the vocabulary both hold,
     ``shared`` = ``shared_vocabulary(...)``, each side renormalised there). Returns (sum over
     spans, number of spans), for the module's token accounting (spans are its tokens)."""
+    spans = [
+        (
+            byte_spans(student_tokenizer, student_targets[b][student_mask[b]].tolist()),
+            byte_spans(teacher_tokenizer, teacher_targets[b][teacher_mask[b]].tolist()),
+        )
+        for b in range(student_logits.shape[0])
+    ]
+    return aligned_span_loss_from_spans(
+        student_logits,
+        teacher_logits,
+        student_targets,
+        teacher_targets,
+        student_mask,
+        teacher_mask,
+        spans,
+        loss,
+        strategy,
+        shared,
+        temperature,
+    )
+
+
+def aligned_span_loss_from_spans(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_targets: Tensor,
+    teacher_targets: Tensor,
+    student_mask: Tensor,
+    teacher_mask: Tensor,
+    spans: Sequence[tuple[Sequence[tuple[int, int]], Sequence[tuple[int, int]]]],
+    loss: str = "uld",
+    strategy: str = "observed",
+    shared: tuple[Tensor, Tensor] | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """``aligned_span_loss`` with each sample's (student, teacher) completion byte spans
+    given (``byte_spans`` of its masked targets), e.g. computed once by the DataModule."""
     from kd_lightning.losses.lm.divergences import forward_kl
     from kd_lightning.losses.lm.uld import sorted_l1
 
@@ -171,13 +212,10 @@ def aligned_span_loss(
         raise ConfigError("loss", loss, "use 'uld' or 'shared_kl'")
     if loss == "shared_kl" and shared is None:
         raise ConfigError("shared", None, "shared_kl needs shared_vocabulary(student, teacher)")
-    total, spans = student_logits.new_zeros(()), 0
+    total, n_spans = student_logits.new_zeros(()), 0
     for b in range(student_logits.shape[0]):
         s_ids, t_ids = student_targets[b][student_mask[b]], teacher_targets[b][teacher_mask[b]]
-        groups = align_spans(
-            byte_spans(student_tokenizer, s_ids.tolist()),
-            byte_spans(teacher_tokenizer, t_ids.tolist()),
-        )
+        groups = align_spans(*spans[b])
         if not groups:
             continue
         s_lp = torch.log_softmax(student_logits[b][student_mask[b]].float() / temperature, -1)
@@ -189,16 +227,101 @@ def aligned_span_loss(
         else:
             s_idx, t_idx = (x.to(s_m.device) for x in shared)
             values = forward_kl(s_m[:, s_idx], t_m[:, t_idx])
-        total, spans = total + values.sum(), spans + len(groups)
-    return total, torch.tensor(spans, device=student_logits.device)
+        total, n_spans = total + values.sum(), n_spans + len(groups)
+    return total, torch.tensor(n_spans, device=student_logits.device)
+
+
+def spans_from_byte_ends(byte_ends: Tensor, mask: Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) byte spans of the masked tokens from the DataModule's
+    ``byte_ends`` (shifted like the targets: ``batch["byte_ends"][:, 1:]``)."""
+    out = []
+    for ends in (byte_ends[b][mask[b]].tolist() for b in range(len(mask))):
+        out.append(list(zip([0, *ends[:-1]], ends)))
+    return out
+
+
+class AlignedSpanLoss(TokenHead):
+    """ULD on byte-aligned spans of a student and a teacher of another tokenizer (TRL GOLD's
+    extended ULD, ``use_extended_uld=True``), per span.
+
+    ``LMDistillationModule`` runs the teacher on its own tokenization of each row; the data's
+    ``byte_ends``/``teacher_byte_ends`` give each completion token's bytes, the two
+    tokenizations are grouped into spans of the same bytes (``align_spans``), each side's
+    distributions are merged per span (``merged_log_probs``, ``merge_strategy``) and compared
+    by the sorted L1 (``aligned_span_loss_from_spans``). Returns the sum over spans; the
+    module divides by the student's completion tokens (a span of k student tokens counts
+    once), so the term is smaller than a per-token loss by the spans/tokens ratio.
+
+    Args:
+        temperature: divides both models' logits.
+        merge_strategy: ``observed`` (GOLD's default) or ``bayesian``.
+        weight, schedule, name: as every head's (``train/loss_aligned_uld``).
+    """
+
+    default_name = "aligned_uld"
+    cross_tokenizer = True
+    #: reads ``byte_ends``/``teacher_byte_ends``: the data needs a teacher tokenizer
+    needs_byte_ends = True
+    reference = (
+        "huggingface/trl@f2cd57710ae345ea6428ae95363267fcf38a3dc8 "
+        "trl/experimental/gold/gold_trainer.py L528-L623"
+    )
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        temperature: float = 1.0,
+        merge_strategy: str = "observed",
+        schedule: Schedule | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(weight, schedule, name)
+        if merge_strategy not in ("observed", "bayesian"):
+            raise ConfigError(
+                "AlignedSpanLoss.merge_strategy", merge_strategy, "use observed or bayesian"
+            )
+        self.temperature = check_temperature("AlignedSpanLoss", temperature)
+        self.merge_strategy = merge_strategy
+
+    def forward(self, student: TokenOutput, teacher: TokenOutput, batch: dict) -> Tensor:
+        if "byte_ends" not in batch or "teacher_byte_ends" not in batch:
+            raise ConfigError(
+                "model.heads",
+                self.name,
+                "AlignedSpanLoss reads the tokens' byte offsets: give the data "
+                "teacher_tokenizer (or teacher_vocab_size)",
+            )
+        spans = list(
+            zip(
+                spans_from_byte_ends(batch["byte_ends"][:, 1:], student.mask),
+                spans_from_byte_ends(batch["teacher_byte_ends"][:, 1:], teacher.mask),
+            )
+        )
+        total, _ = aligned_span_loss_from_spans(
+            student.logits,
+            teacher.logits,
+            student.targets,
+            teacher.targets,
+            student.mask,
+            teacher.mask,
+            spans,
+            "uld",
+            self.merge_strategy,
+            None,
+            self.temperature,
+        )
+        return total
 
 
 __all__ = [
+    "AlignedSpanLoss",
     "aligned_span_loss",
+    "aligned_span_loss_from_spans",
     "align_spans",
     "byte_spans",
     "merged_log_probs",
     "shared_vocabulary",
     "span_log_probs",
+    "spans_from_byte_ends",
     "token_bytes",
 ]

@@ -21,6 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd_lightning.errors import ConfigError
+from kd_lightning.losses.base import check_temperature
+from kd_lightning.losses.lm.heads import TokenHead
+from kd_lightning.losses.outputs import TokenOutput
+from kd_lightning.losses.schedules import Schedule
+
 
 def _f32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
@@ -81,4 +87,54 @@ def uld_loss(
     return per_token.sum(), keep_s.sum()
 
 
-__all__ = ["positional_pairs", "sorted_l1", "uld", "uld_loss"]
+class ULDLoss(TokenHead):
+    """ULD between a student and a teacher of another tokenizer, per paired completion token.
+
+    ``LMDistillationModule`` runs the teacher on its own tokenization of each row (the data's
+    ``teacher_tokenizer``/``teacher_vocab_size``) and hands this head both outputs; the k-th
+    completion token of the student is paired with the k-th of the teacher
+    (``positional_pairs``, the authors' alignment) and ``uld`` compares their sorted
+    distributions. Returns the sum over paired tokens; the module divides by the student's
+    completion tokens (a row's unpaired tail, where one tokenization is longer, adds 0). With
+    one tokenizer it is the same loss on the same positions.
+
+    Args:
+        student_temperature, teacher_temperature: each model's softmax temperature (the
+            authors' defaults: 1).
+        weight, schedule, name: as every head's (logged as ``train/loss_uld``).
+    """
+
+    default_name = "uld"
+    #: reads a teacher of another tokenizer (``LMDistillationModule`` checks it)
+    cross_tokenizer = True
+    reference = "Nicolas-BZRD/llm-recipes@ab6e798 models/distillation_model.py L79-L100, L128-L137"
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        student_temperature: float = 1.0,
+        teacher_temperature: float = 1.0,
+        schedule: Schedule | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(weight, schedule, name)
+        self.student_temperature = check_temperature("ULDLoss", student_temperature)
+        self.teacher_temperature = check_temperature("ULDLoss", teacher_temperature)
+
+    def forward(self, student: TokenOutput, teacher: TokenOutput, batch: dict) -> Tensor:
+        if student.logits is None or teacher.logits is None:
+            raise ConfigError(
+                "model.chunk_size", self.name, "ULDLoss needs logits: set chunk_size: 0"
+            )
+        total, _ = uld_loss(
+            student.logits,
+            teacher.logits,
+            student.mask,
+            teacher.mask,
+            self.student_temperature,
+            self.teacher_temperature,
+        )
+        return total
+
+
+__all__ = ["ULDLoss", "positional_pairs", "sorted_l1", "uld", "uld_loss"]
