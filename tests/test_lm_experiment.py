@@ -68,3 +68,118 @@ def test_llm_quickstart_experiment_reports_lm_metrics_over_seeds(tmp_path):
     assert "NLL (nats/token)" in md and "ROUGE-L" in md
     mean, std = rows["kd_jsd"]["test_nll_best_mean"], rows["kd_jsd"]["test_nll_best_std"]
     assert f"{mean:.3f} ± {std:.3f}" in md
+
+
+def _tiny(tmp_path):
+    return {
+        "data": {
+            "init_args": {
+                "data_dir": str(tmp_path / "data"),
+                "vocab_size": 320,
+                "max_train_examples": 16,
+                "max_eval_examples": 8,
+            }
+        },
+        "model": {"init_args": {"generate_samples": 2, "max_new_tokens": 4}},
+        "trainer": {
+            "max_epochs": 1,
+            "limit_train_batches": 1,
+            "limit_val_batches": 1,
+            "limit_test_batches": 1,
+        },
+    }
+
+
+@pytest.mark.slow
+def test_llm_experiment_fills_the_token_store_from_its_own_teacher(tmp_path):
+    """A ``token_store`` stage's store is written from the experiment's teacher after it is
+    trained, reused while that teacher stays, and rewritten (its runs re-run) when the teacher
+    changes; a store the experiment did not write is refused, never deleted."""
+    from kd_lightning.errors import ConfigError
+
+    out = tmp_path / "exp"
+    kd = [
+        {
+            "name": "kd_store",
+            "configs": [str(CONFIGS / "llm" / "quickstart" / "kd_store.yaml")],
+            "token_store": {"k": 8},
+        }
+    ]
+    argv = [
+        "experiment",
+        "--config",
+        str(CONFIGS / "experiments" / "llm_quickstart.yaml"),
+        f"--output_dir={out}",
+        "--seeds=[0]",
+        "--scratch=null",
+        f"--overrides={json.dumps(_tiny(tmp_path))}",
+        f"--kd={json.dumps(kd)}",
+    ]
+    main(argv)
+    store = out / "kd_store" / "token_store"
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["k"] == 8 and meta["stages"]["train"]["samples"] == 16
+    run = out / "kd_store" / "seed0"
+    assert f"--model.init_args.token_store={store}" in (run / "command.txt").read_text()
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["token_stores"] == {"kd_store": str(store)}
+    rows = {r["name"]: r for r in data["rows"]}
+    # the run opened the store against its teacher's fingerprint and evaluated against it
+    assert rows["kd_store"]["test_nll_best_mean"] > 0 and rows["kd_store"]["test_kl_best_mean"] >= 0
+    written, key = (
+        (store / "meta.json").stat().st_mtime_ns,
+        json.loads((run / "done.json").read_text())["key"],
+    )
+
+    main(argv)  # same teacher: the store and the run are reused
+    assert (store / "meta.json").stat().st_mtime_ns == written
+    assert json.loads((run / "done.json").read_text())["key"] == key
+
+    # another teacher: the store is refilled, not refused, and the run is redone on it
+    main([*argv, "--teacher.seed=1", "--overwrite=true"])
+    again = json.loads((store / "meta.json").read_text())
+    assert again["fingerprint"]["teacher"] != meta["fingerprint"]["teacher"]
+    assert json.loads((run / "done.json").read_text())["key"] != key
+    assert json.loads((out / "results.json").read_text())["meta"]["teacher_checkpoint"].endswith(
+        "seed1/checkpoints/best.ckpt"
+    )
+
+    foreign = tmp_path / "foreign_store"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text("{}")
+    kd[0]["token_store"]["path"] = str(foreign)
+    with pytest.raises(ConfigError, match="did not write"):
+        main([*argv[:-1], f"--kd={json.dumps(kd)}"])
+    assert (foreign / "meta.json").read_text() == "{}"
+
+
+def test_token_store_stage_settings_are_checked_before_training():
+    from kd_lightning.errors import ConfigError
+    from kd_lightning.experiment.spec import check_token_store, parse_spec
+
+    assert check_token_store({"k": 8}, "kd[0].token_store")["value_dtype"] == "float16"
+    base = ["--config", str(CONFIGS / "experiments" / "llm_quickstart.yaml")]
+    spec = parse_spec(base)
+    assert spec.kd[-1].name == "kd_store" and spec.kd[-1].token_store == {"k": 32}
+    bad = [
+        ({"k": 0}, "kd\\[0\\].token_store.k"),
+        ({"k": 8, "dtype": "fp16"}, "kd\\[0\\].token_store"),
+        ({"value_dtype": "bfloat16"}, "value_dtype"),
+    ]
+    for settings, field in bad:
+        kd = [
+            {
+                "name": "s",
+                "configs": ["configs/llm/quickstart/kd_store.yaml"],
+                "token_store": settings,
+            }
+        ]
+        with pytest.raises(ConfigError, match=field):
+            parse_spec([*base, f"--kd={json.dumps(kd)}"])
+    scratch = {
+        "name": "scratch",
+        "configs": ["configs/llm/quickstart/scratch.yaml"],
+        "token_store": {},
+    }
+    with pytest.raises(ConfigError, match="only a KD stage"):
+        parse_spec([*base, f"--scratch={json.dumps(scratch)}"])

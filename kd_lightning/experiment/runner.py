@@ -4,7 +4,9 @@ Runs, in this order and in this process, each as an ordinary ``kd-lightning fit`
 
 1. the teacher (or only tests a given checkpoint);
 2. the from-scratch student, once per seed;
-3. every KD stage, once per seed, distilling from the teacher's best-val checkpoint.
+3. every KD stage, once per seed, distilling from the teacher's best-val checkpoint; a KD
+   stage with ``token_store`` (causal LMs) first has its top-k token store filled from that
+   checkpoint (``kd-lightning data store-teacher``), and its runs read the teacher from it.
 
 Every fitted run is then tested twice — with its best-val checkpoint and with its final
 weights (``checkpoints/final.ckpt``); a run without a validation split (``val_fraction: 0``,
@@ -18,7 +20,7 @@ rerun skips it unless its arguments or config files changed, so a crashed experi
 Layout of ``<output_dir>``::
 
     results.{csv,json,md}  plots/*.png  experiment.yaml  overrides.yaml
-    <stage>/overrides.yaml
+    <stage>/overrides.yaml  <stage>/token_store/ (a token_store stage's store)
     <stage>/seed<k>/{done.json, command.txt, history.jsonl, test_predictions.pt,
                      checkpoints/, logs/ or wandb/}
 """
@@ -52,6 +54,7 @@ from kd_lightning.experiment.spec import (
     ExperimentSpec,
     Stage,
     TeacherStage,
+    check_token_store,
     parse_spec,
     resolve_path,
 )
@@ -131,6 +134,9 @@ class Experiment:
                 self._preflight()
                 records = self._launch([self._teacher_plan_job()], launcher)
                 teacher_dir = self._run_dir(spec.teacher, records[0]["seed"])
+                for _, stage in spec.stages()[1:]:  # before their students: the stores
+                    if getattr(stage, "token_store", None) is not None:
+                        self._fill_token_store(stage, records[0])
                 records += self._launch([
                     self._student_job(kind, stage, seed, records[0], teacher_dir)
                     for kind, stage in spec.stages()[1:] for seed in spec.seeds
@@ -152,6 +158,10 @@ class Experiment:
             "machine": machine_info(), **git_revision(),
             **self._provenance(),
         }
+        stores = {s.name: str(self.token_store_path(s)) for _, s in spec.stages()[1:]
+                  if getattr(s, "token_store", None) is not None}
+        if stores:
+            meta["token_stores"] = stores
         if search is not None:
             meta["search"] = {k: search[k] for k in ("best", "n_complete", "n_pruned", "n_failed")}
         paths = write_results(rows, records, self.out, meta)
@@ -207,7 +217,76 @@ class Experiment:
         run_dir = self._run_dir(stage, seed)
         args = self._fit_args(kind, stage, seed, run_dir, teacher_ckpt=teacher["best_ckpt"])
         return self._plan(kind, stage, seed, run_dir, [*args, *(extra_args or [])],
-                          key_extra=teacher["key"], teacher_dir=teacher_dir)
+                          key_extra=self._student_key_extra(stage, teacher), teacher_dir=teacher_dir)
+
+    def _student_key_extra(self, stage: Stage, teacher: dict[str, Any]) -> str:
+        """What a student run depends on besides its arguments: the teacher run, and for a
+        token-store stage the store (a refilled store makes its runs stale)."""
+        if stage.token_store is None:
+            return teacher["key"]
+        return teacher["key"] + ":" + self._token_store_plan(stage, teacher["best_ckpt"])[1]
+
+    # -- token stores (causal-LM KD stages that read the teacher from disk) ----------------
+    def token_store_path(self, stage: Stage) -> Path:
+        settings = check_token_store(stage.token_store, f"{stage.name}.token_store")
+        if settings["path"]:
+            return Path(settings["path"]).expanduser().resolve()
+        return self.out / stage.name / "token_store"
+
+    def _token_store_plan(self, stage: Stage, teacher_ckpt: str) -> tuple[list[str], str]:
+        """(the ``kd-lightning data store-teacher`` arguments that fill ``stage``'s store from
+        ``teacher_ckpt``, the key of that store: the arguments, the stage's config files and
+        the checkpoint's bytes)."""
+        settings = check_token_store(stage.token_store, f"{stage.name}.token_store")
+        argv = ["store-teacher"]
+        for f in [*self._config_files(stage), *self._fragments(stage)]:
+            argv += ["-c", str(f)]
+        argv += [
+            "--output", str(self.token_store_path(stage)), "--k", str(settings["k"]),
+            "--value_dtype", settings["value_dtype"], "--batch_size", str(settings["batch_size"]),
+            "--stages", settings["stages"],
+            f"--model.init_args.teacher={json.dumps({'checkpoint': teacher_ckpt})}",
+        ]
+        # the experiment's raw --data.*/--model.* flags reach the store as they reach the runs
+        argv += [a for a in self.spec.args if a.startswith(("--data.", "--model."))]
+        cache = self.__dict__.setdefault("_ckpt_digests", {})
+        ckpt = Path(teacher_ckpt)
+        stat = ckpt.stat()
+        ident = (str(ckpt), stat.st_size, stat.st_mtime_ns)
+        if ident not in cache:
+            cache[ident] = _file_digest(ckpt)
+        return argv, _run_key(argv, cache[ident])
+
+    def _fill_token_store(self, stage: Stage, teacher: dict[str, Any]) -> Path:
+        """Fill ``stage``'s token store from the experiment's teacher, unless the store there
+        was filled by this experiment with the same teacher checkpoint, configs and settings
+        (``experiment_key.json`` beside its ``meta.json``). A store of this experiment with
+        another key (a retrained teacher, other data or k) is deleted and rewritten; a
+        complete store the experiment did not write is refused, never deleted."""
+        from kd_lightning.data.commands import main as data_main
+
+        path = self.token_store_path(stage)
+        argv, key = self._token_store_plan(stage, teacher["best_ckpt"])
+        marker, tag = path / "experiment_key.json", f"[{self.spec.name}] {stage.name} token store"
+        if (path / "meta.json").is_file():
+            if not marker.is_file():
+                raise ConfigError(
+                    f"{stage.name}.token_store.path", str(path), "holds a token store this "
+                    "experiment did not write: give another path (the experiment only "
+                    "rewrites its own stores)",
+                )
+            if json.loads(marker.read_text()).get("key") == key:
+                print(f"{tag}: filled before from this teacher, reused ({path})", flush=True)
+                return path
+            print(f"{tag}: written for another teacher or other settings: rewriting it",
+                  flush=True)
+            shutil.rmtree(path)
+        print(f"{tag}: filling it from {teacher['best_ckpt']} → {path}", flush=True)
+        t0 = time.perf_counter()
+        data_main(argv)
+        marker.write_text(json.dumps({"key": key, "command": ["kd-lightning", "data", *argv],
+                                      "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+        return path
 
     # -- building one run's arguments ----------------------------------------------------
     def _run_dir(self, stage: Stage | TeacherStage, seed: int) -> Path:
@@ -270,6 +349,8 @@ class Experiment:
         if kind == "kd":
             # every KD stage distils from this experiment's teacher
             args.append(f"--model.init_args.teacher={json.dumps({'checkpoint': teacher_ckpt})}")
+            if getattr(stage, "token_store", None) is not None:  # filled from that teacher
+                args.append(f"--model.init_args.token_store={self.token_store_path(stage)}")
         return [*args, *self.spec.args]
 
     def _test_args(self, stage: TeacherStage, seed: int, run_dir: Path, ckpt: Path) -> list[str]:
@@ -324,8 +405,9 @@ class Experiment:
             todo = [
                 args for seed in spec.seeds
                 for args in [self._fit_args(kind, stage, seed, self._run_dir(stage, seed), ckpt)]
-                if teacher is None
-                or _finished(self._run_dir(stage, seed), _run_key(args, teacher["key"])) is None
+                if teacher is None or _finished(
+                    self._run_dir(stage, seed), _run_key(args, self._student_key_extra(stage, teacher))
+                ) is None
             ]
             if todo:
                 checks.append((field, todo[0]))
@@ -574,6 +656,14 @@ def _run_key(args: list[str], extra: str) -> str:
     for flag, value in zip(args, args[1:]):
         if flag == "-c":
             h.update(Path(value).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()[:16]
 
 

@@ -294,6 +294,9 @@ def run_search(experiment: Any, teacher: dict[str, Any], teacher_dir: Path) -> d
             name=f"{base.name}-trial{trial.number}",
             configs=list(base.configs),
             overrides=copy.deepcopy(base.overrides),
+            # a token-store stage's trials read the store filled for the stage itself
+            token_store=None if base.token_store is None
+            else {**base.token_store, "path": str(experiment.token_store_path(base))},
         )
         values = {key: _suggest(trial, key, dist) for key, dist in search.parameters.items()}
         for key, value in values.items():

@@ -29,11 +29,22 @@ class Stage:
         configs: kd-lightning config files, applied in order after the experiment's ``base``.
         overrides: a config fragment in the same YAML layout as the files, applied last,
             e.g. ``{model: {init_args: {heads: [...]}}}`` or ``{trainer: {max_epochs: 20}}``.
+        token_store: a causal-LM KD stage that reads its teacher from a top-k token store
+            (``LMDistillationModule(token_store=...)``): ``{k: 32}`` makes the experiment fill
+            the store from *its own* teacher's checkpoint after the teacher run and before
+            this stage's first seed (``kd-lightning data store-teacher`` on this stage's
+            configs), and hands its path to every seed as ``model.init_args.token_store``.
+            Keys: ``k`` (tokens per completion token, default 32), ``value_dtype`` (float16 |
+            float32), ``path`` (default ``<output_dir>/<name>/token_store``), ``batch_size``,
+            ``stages`` (default ``train,val``). A store written for another teacher or other
+            settings is rewritten (and this stage's runs re-run); a finished matching one is
+            reused. See ``Experiment._fill_token_store``.
     """
 
     name: str
     configs: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    token_store: dict[str, Any] | None = None
 
 
 @dataclass
@@ -287,7 +298,7 @@ def _variants(spec: ExperimentSpec, stage: Stage, grid: dict[str, list[Any]],
             shown = value if isinstance(value, str | int | float | bool) else grid[key].index(value)
             label.append(f"{labels[key]}={shown}")
         out.append(Stage(name=f"{stage.name}-{'-'.join(label)}", configs=list(stage.configs),
-                         overrides=overrides))
+                         overrides=overrides, token_store=copy.deepcopy(stage.token_store)))
     return out
 
 
@@ -377,6 +388,9 @@ def check_spec(spec: ExperimentSpec) -> None:
     for field_name, stage in _named_stages(spec):
         for i, path in enumerate(stage.configs):
             resolve_path(spec, path, f"{field_name}.configs[{i}]")
+        if isinstance(stage, Stage) and stage.token_store is not None:
+            check_token_store(stage.token_store, f"{field_name}.token_store",
+                              kind="scratch" if field_name == "scratch" else "kd")
     if spec.logger is not None:
         resolve_path(spec, spec.logger, "logger")
     unknown = sorted(set(spec.published) - set(names))
@@ -385,6 +399,32 @@ def check_spec(spec: ExperimentSpec) -> None:
     for a in spec.args:
         if not a.startswith("--"):
             raise ConfigError("args", a, "each entry is one flag such as --trainer.max_epochs=1")
+
+
+#: a stage's ``token_store`` keys and their defaults
+TOKEN_STORE_DEFAULTS: dict[str, Any] = {
+    "k": 32, "value_dtype": "float16", "path": None, "batch_size": 64, "stages": "train,val",
+}
+
+
+def check_token_store(settings: Any, field_name: str, kind: str = "kd") -> dict[str, Any]:
+    """A stage's ``token_store`` block with its defaults filled in, or a ``ConfigError``."""
+    if kind != "kd":
+        raise ConfigError(field_name, settings, "only a KD stage reads a teacher's token store")
+    if not isinstance(settings, dict):
+        raise ConfigError(field_name, settings, "give a mapping, e.g. {k: 32}")
+    unknown = sorted(set(settings) - set(TOKEN_STORE_DEFAULTS))
+    if unknown:
+        raise ConfigError(field_name, unknown, f"use the keys {list(TOKEN_STORE_DEFAULTS)}")
+    out = {**TOKEN_STORE_DEFAULTS, **settings}
+    for key in ("k", "batch_size"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+            raise ConfigError(f"{field_name}.{key}", out[key], "give a whole number >= 1")
+    if out["value_dtype"] not in ("float16", "float32"):
+        raise ConfigError(f"{field_name}.value_dtype", out["value_dtype"], "use float16 or float32")
+    if not isinstance(out["stages"], str) or not out["stages"].strip():
+        raise ConfigError(f"{field_name}.stages", out["stages"], "give e.g. 'train,val'")
+    return out
 
 
 def _named_stages(spec: ExperimentSpec) -> list[tuple[str, Stage | TeacherStage]]:
