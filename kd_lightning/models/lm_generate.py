@@ -15,18 +15,25 @@ vllm_kwargs).
   L351-L368: ``LLM(...)`` built once; L387-L392 and L444-L501: every parameter pushed into
   the engine's model through ``load_weights``, then ``reset_prefix_cache``; L613-L683:
   ``SamplingParams(n=1, temperature, top_p, max_tokens)`` and ``llm.generate`` on
-  ``{"prompt_token_ids": ...}`` prompts). ``vllm`` is imported only inside
-  ``VLLMGenerate.__init__``: ``import kd_lightning`` and the ``hf`` engine never import it.
-  The engine is built from the model's config alone (``load_format="dummy"``, no
-  tokenizer: prompts go in as token ids) and the model's weights are copied into it
-  before a generation whenever ``weights_version`` changed (the student: its optimizer
-  step count; the frozen teacher: once). Coded against vLLM 0.34.0's API
-  (``LLM.apply_model``, ``LLM.reset_prefix_cache``, ``SamplingParams``,
-  ``RequestOutput.outputs[0].token_ids``); ``pip install "kd-lightning[vllm]"`` pins it.
+  ``{"prompt_token_ids": ...}`` prompts; trl/experimental/distillation/distillation_trainer.py
+  L679-L702: the student's prompts without their left padding, its weights synced when the
+  optimizer step count changed). ``vllm`` is imported only inside ``VLLMGenerate.__init__``:
+  ``import kd_lightning`` and the ``hf`` engine never import it. The engine is built from
+  the model's config alone (``load_format="dummy"``, no tokenizer: token ids in, token ids
+  out) and the model's weights are copied into it before a generation whenever
+  ``weights_version`` changed (the student: its optimizer step count; the frozen teacher:
+  once). One process only (no DDP/FSDP, no LoRA: refused in one line). Coded against vLLM
+  0.34.0's API, read from its wheel (``LLM.apply_model`` → ``collective_rpc("apply_model")``
+  run in-process with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``LLM.reset_prefix_cache``,
+  ``SamplingParams(stop_token_ids, allowed_token_ids, detokenize)``,
+  ``RequestOutput.outputs[0].token_ids`` ending in the stop token);
+  ``pip install "kd-lightning[vllm]"`` pins it. Only the pure helpers below are tested
+  here (no GPU): the engine itself runs in ``benchmarks/gpu_vllm_onpolicy.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import importlib.util
@@ -171,8 +178,75 @@ def vllm_completions(outputs: list[Any], device: torch.device | str) -> list[Ten
 
 def vllm_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
     """The model's parameters under their Hugging Face names (what vLLM's ``load_weights``
-    reads; tied embeddings appear once)."""
-    return [(name, p.detach()) for name, p in model.named_parameters()]
+    reads; tied embeddings appear once, as ``named_parameters`` lists a shared tensor once,
+    and vLLM's Llama/Qwen loaders skip ``lm_head`` when the config ties it). Activation
+    checkpointing's wrapper prefix is dropped, as TRL's ``_fix_param_name_to_vllm``
+    (vllm_generation.py L379-L385)."""
+    return [
+        (name.replace("_checkpoint_wrapped_module.", ""), p.detach())
+        for name, p in model.named_parameters()
+    ]
+
+
+def vllm_dtype(dtype: torch.dtype) -> str:
+    """The engine's dtype: the model's when it is bf16/fp16; fp32 weights (``bf16-mixed``
+    training) are generated from in bf16, as TRL does (its engine loads the checkpoint's
+    dtype and ``load_weights`` casts); ``vllm_kwargs: {dtype: float32}`` overrides it."""
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "bfloat16")
+
+
+def vllm_llm_kwargs(model: nn.Module, spec: Any, folder: str) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for ``model``: its config written to ``folder`` (with its class
+    as the architecture vLLM looks up), random ``dummy`` weights (``sync`` overwrites them),
+    no tokenizer, the spec's seed, 0.3 of the GPU (TRL's colocate default, grpo_config.py
+    L646-L647), then ``spec.vllm_kwargs``."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    return {
+        "model": folder,
+        "skip_tokenizer_init": True,
+        "load_format": "dummy",
+        "dtype": vllm_dtype(next(model.parameters()).dtype),
+        "seed": int(getattr(spec, "seed", 0)),
+        "gpu_memory_utilization": 0.3,
+        **(getattr(spec, "vllm_kwargs", None) or {}),
+    }
+
+
+@contextlib.contextmanager
+def _kept_rng():
+    """Building an in-process engine reseeds Python's, NumPy's and torch's global RNGs with
+    the engine's seed (vllm 0.34.0 v1/worker/gpu_worker.py ``set_random_seed``); the run's
+    own streams are put back afterwards."""
+    import random
+
+    import numpy as np
+
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _refuse_unsyncable(model: nn.Module, field: str) -> None:
+    from kd_lightning.modules.sharding import is_sharded
+
+    if hasattr(model, "peft_config") or is_sharded(model):
+        raise ConfigError(
+            field, "vllm", "LoRA or FSDP-sharded models are not synced to vLLM: use hf"
+        )
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError(
+            field, "vllm", "the vllm engine runs in one process here (no DDP/FSDP): use hf"
+        )
 
 
 class VLLMGenerate:
@@ -183,6 +257,7 @@ class VLLMGenerate:
     def __init__(self, field: str) -> None:
         self.field = field
         # colocate: the engine core runs in this process, so load_weights reads our tensors
+        # (and apply_model's function is called, not pickled to a worker process)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             import vllm
@@ -195,26 +270,10 @@ class VLLMGenerate:
         self.syncs = 0  # how many times the weights were copied in
 
     def _build(self, model: nn.Module, spec: Any) -> None:
-        if hasattr(model, "peft_config") or type(model).__module__.startswith("torch.distributed"):
-            raise ConfigError(
-                self.field, "vllm", "LoRA or FSDP-sharded models are not synced to vLLM: use hf"
-            )
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]
-        dtype = next(model.parameters()).dtype
-        config.torch_dtype = dtype
+        _refuse_unsyncable(model, self.field)
         self._dir = tempfile.TemporaryDirectory(prefix="kd_vllm_")
-        config.save_pretrained(self._dir.name)
-        kwargs = {
-            "model": self._dir.name,
-            "skip_tokenizer_init": True,
-            "load_format": "dummy",  # the weights come from the model (sync), not a file
-            "dtype": str(dtype).removeprefix("torch."),
-            "seed": int(getattr(spec, "seed", 0)),
-            "gpu_memory_utilization": 0.3,  # colocated with training, as TRL's default
-            **(getattr(spec, "vllm_kwargs", None) or {}),
-        }
-        self.llm = self._vllm.LLM(**kwargs)
+        with _kept_rng():
+            self.llm = self._vllm.LLM(**vllm_llm_kwargs(model, spec, self._dir.name))
 
     def sync(self, model: nn.Module, version: Any) -> None:
         """Copy the model's weights into the engine unless ``version`` is the last synced
@@ -249,6 +308,9 @@ class VLLMGenerate:
 
     def close(self) -> None:
         """Free the engine (the teacher's, after sequence KD wrote its generations)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()  # the in-process executor and its worker's GPU memory
         self.llm, self._synced = None, _UNSYNCED
         if self._dir is not None:
             self._dir.cleanup()
@@ -267,6 +329,8 @@ __all__ = [
     "check_engine",
     "make_engine",
     "vllm_completions",
+    "vllm_dtype",
+    "vllm_llm_kwargs",
     "vllm_prompts",
     "vllm_sampling_kwargs",
     "vllm_weights",
