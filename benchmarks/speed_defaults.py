@@ -84,10 +84,15 @@ def step(module: DistillationModule, opt: torch.optim.Optimizer, batch: dict) ->
     return float(loss.detach())
 
 
-def step0(module: DistillationModule, batch: dict) -> tuple[float, torch.Tensor]:
-    """The first step's loss and the student's flattened gradient (no optimizer step)."""
+def step0(module: DistillationModule, batch: dict, fp64: bool = False) -> tuple[float, torch.Tensor]:
+    """The first step's loss and the student's flattened gradient (no optimizer step).
+    ``fp64``: Σ wᵢ·headᵢ in the outputs' own precision (``compute_loss`` casts to fp32)."""
     teacher = module.teacher_forward(batch)
-    loss, _ = module.compute_loss(ModelOutput(module.student(batch["image"]), {}), teacher, batch)
+    student = ModelOutput(module.student(batch["image"]), {})
+    if fp64:
+        loss = sum(h.current_weight(0, 0) * h(student, teacher, batch) for h in module.heads)
+    else:
+        loss, _ = module.compute_loss(student, teacher, batch)
     loss.backward()
     grad = torch.cat([p.grad.detach().double().flatten() for p in module.student.parameters()])
     module.student.zero_grad(set_to_none=True)
@@ -98,13 +103,13 @@ def same_math(names: list[str], batch: dict) -> dict[str, dict[str, float]]:
     """Step 0 of each setting against the float64 reference (all-off, double precision)."""
     ref, _ = build(SETTINGS["off"])
     ref.double()
-    ref_loss, ref_grad = step0(ref, {**batch, "image": batch["image"].double()})
+    ref_loss, ref_grad = step0(ref, {**batch, "image": batch["image"].double()}, fp64=True)
     out = {}
     for name in names:
         module, _ = build(SETTINGS[name], perturb=1e-6 if name == "control_perturbed" else 0.0)
         loss, grad = step0(module, batch)
         out[name] = {
-            "step0_loss_abs_err_vs_fp64": abs(loss - ref_loss),
+            "step0_loss_rel_err_vs_fp64": abs(loss - ref_loss) / abs(ref_loss),
             "step0_grad_rel_err_vs_fp64": float((grad - ref_grad).norm() / ref_grad.norm()),
         }
         print(name, out[name], flush=True)
