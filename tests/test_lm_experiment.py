@@ -64,8 +64,15 @@ def test_llm_quickstart_experiment_reports_lm_metrics_over_seeds(tmp_path):
         assert rows[name]["test_rougeL_best_mean"] is not None
     # the distilled rows carry KL against the teacher; the baseline has no teacher to compare
     assert rows["kd_jsd"]["test_kl_best_mean"] >= 0 and rows["scratch"]["test_kl_best_mean"] is None
+    # greedy-completion statistics; ExAccErr needs the teacher (the baseline has none)
+    assert rows["kd_jsd"]["test_gen_len_best_mean"] <= 4
+    assert 0 < rows["kd_jsd"]["test_distinct_1_best_mean"] <= 1
+    assert rows["kd_jsd"]["test_exposure_bias_best_mean"] is not None
+    assert rows["scratch"]["test_exposure_bias_best_mean"] is None
     md = (out / "results.md").read_text()
-    assert "NLL (nats/token)" in md and "ROUGE-L" in md
+    assert "NLL (nats/token)" in md and "ROUGE-L" in md and "ExAccErr (%)" in md
+    assert "test acc" not in md  # an LM experiment: no classifier table of dashes
+    assert "Per-seed held-out NLL" in md
     mean, std = rows["kd_jsd"]["test_nll_best_mean"], rows["kd_jsd"]["test_nll_best_std"]
     assert f"{mean:.3f} ± {std:.3f}" in md
 

@@ -161,6 +161,26 @@ def test_teacher_student_kd_share_the_frozen_core_and_evaluate(lm_data, tmp_path
     for key in ("nll", "ppl", "teacher_nll", "kl", "reverse_kl", "jsd", "rougeL", "teacher_rougeL"):
         assert torch.isfinite(torch.tensor(result[f"test/{key}"])), key
     assert result["test/kl"] >= 0 and result["test/reverse_kl"] >= 0
+    # the greedy completions' statistics, recomputed here from the same completions
+    from kd_lightning.modules.lm_eval_stats import distinct_n, exposure_bias, mean_length, words
+
+    student = kd.greedy_completions(kd.student, "test")
+    oracle = kd.greedy_completions(kd.teacher, "test")
+    assert len(student) == 2 and all(len(g["completion"]) <= 8 for g in student)
+    assert result["test/gen_len"] == pytest.approx(mean_length([g["completion"] for g in student]))
+    assert result["test/teacher_gen_len"] == pytest.approx(
+        mean_length([g["completion"] for g in oracle])
+    )
+    for n in (1, 2):
+        value = distinct_n(words([g["text"] for g in student]), n)
+        assert value is None or result[f"test/distinct_{n}"] == pytest.approx(value)
+    stats = exposure_bias(kd.prefix_kl(kd.teacher, student), kd.prefix_kl(kd.teacher, oracle), 8)
+    assert stats is None or result["test/exposure_bias"] == pytest.approx(stats["exposure_bias"])
+    # step 1 of both prefix sets reads the prompt alone: the same KL from either model's run
+    kl_s, kl_t = kd.prefix_kl(kd.teacher, student), kd.prefix_kl(kd.teacher, oracle)
+    for a, b in zip(kl_s, kl_t, strict=True):
+        if len(a) and len(b):
+            assert float(a[0]) == pytest.approx(float(b[0]), rel=1e-4, abs=1e-6)
     saved = (
         torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)
         if trainer.checkpoint_callback

@@ -29,7 +29,9 @@ from kd_lightning.machine import machine_line
 #: what the causal-LM modules record (kd_lightning.experiment.runner._test_metrics)
 LM_METRICS = tuple(
     f"test_{m}_best"
-    for m in ("nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL")
+    for m in ("nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL",
+              "gen_len", "distinct_1", "distinct_2", "exposure_bias",
+              "teacher_gen_len", "teacher_distinct_1", "teacher_distinct_2")
 )
 
 #: per-run metrics that are averaged over seeds (fractions in [0, 1], except KL in nats)
@@ -77,6 +79,8 @@ def aggregate(records: list[dict[str, Any]], order: Sequence[tuple[str, str]],
             row[f"{m}_mean"], row[f"{m}_std"] = mean_std([r.get(m) for r in runs])
         row["per_seed"] = {m: [r.get(m) for r in runs]
                            for m in ("test_acc_best", "test_acc_last", "test_acc_best_on_test")}
+        if any(r.get("test_nll_best") is not None for r in runs):  # causal LMs
+            row["per_seed_nll"] = [r.get("test_nll_best") for r in runs]
         rows.append(row)
     scratch = next((r for r in rows if r["kind"] == "scratch"), None)
     for row in rows:
@@ -164,6 +168,12 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
                   f"{str(meta.get('resolved_config_sha256', ''))[:16]}",
                   f"- machine: {machine_line(meta['machine']) if meta.get('machine') else 'not recorded'}"
                   f"; date: {meta.get('date', '')}", ""]
+    if lm_only(rows):  # causal LMs: no accuracies to show, the LM table and its seeds only
+        lines += lm_table(rows)[1:]
+        if meta.get("seeds") is not None:
+            lines.append(f"- student seeds: {meta['seeds']}; the teacher is one run.")
+        lines += lm_per_seed(rows)
+        return "\n".join(lines) + "\n"
     lines += ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     lines += ["| " + " | ".join(c) + " |" for c in table_cells(rows)]
     lines += [
@@ -209,7 +219,23 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
 
 
 LM_HEADER = ("row", "kind", "NLL (nats/token)", "ppl", "KL(teacher ‖ student)",
-             "reverse KL", "ROUGE-L F (%)", "seeds")
+             "reverse KL", "ROUGE-L F (%)", "gen. length (tokens)", "distinct-1 (%)",
+             "distinct-2 (%)", "ExAccErr (%)", "params", "seeds")
+
+
+def lm_only(rows: list[dict[str, Any]]) -> bool:
+    """Every row a causal-LM run (NLL recorded, no accuracy)."""
+    return bool(rows) and all(
+        r.get("test_nll_best_mean") is not None and r.get("test_acc_best_mean") is None
+        and r.get("test_acc_last_mean") is None for r in rows
+    )
+
+
+def _lm_cell(r: dict[str, Any], m: str, scale: float = 1.0, digits: int = 3) -> str:
+    mean, std = r.get(f"test_{m}_best_mean"), r.get(f"test_{m}_best_std")
+    if mean is None:
+        return "—"
+    return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
 
 
 def lm_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -217,25 +243,51 @@ def lm_table(rows: list[dict[str, Any]]) -> list[str]:
     lm = [r for r in rows if r.get("test_nll_best_mean") is not None]
     if not lm:
         return []
-
-    def cell(r: dict[str, Any], m: str, scale: float = 1.0, digits: int = 3) -> str:
-        mean, std = r.get(f"test_{m}_best_mean"), r.get(f"test_{m}_best_std")
-        if mean is None:
-            return "—"
-        return f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
-
+    cell = _lm_cell
     out = ["", "Causal LM, held-out completions (best-val checkpoint; KL against the "
            "experiment's teacher, teacher entropy included):", "",
            "| " + " | ".join(LM_HEADER) + " |", "|" + "---|" * len(LM_HEADER)]
     for r in lm:
         out.append("| " + " | ".join([
             r["name"], r["kind"], cell(r, "nll"), cell(r, "ppl", digits=1), cell(r, "kl"),
-            cell(r, "reverse_kl"), cell(r, "rougeL", 100, 2), str(r["n_seeds"])]) + " |")
+            cell(r, "reverse_kl"), cell(r, "rougeL", 100, 2), cell(r, "gen_len", digits=1),
+            cell(r, "distinct_1", 100, 1), cell(r, "distinct_2", 100, 1),
+            cell(r, "exposure_bias", digits=1), _params(r.get("params")),
+            str(r["n_seeds"])]) + " |")
+    out += [
+        "",
+        "- NLL: mean cross-entropy per completion token of the held-out split (ppl = exp NLL); "
+        "KL(teacher ‖ student) and reverse KL per token against the experiment's teacher.",
+        "- ROUGE-L F, generation length (tokens before EOS) and distinct-1/2 (distinct word "
+        "n-grams / all n-grams over every completion; Li et al. 2016) are of greedy "
+        "completions of the first held-out prompts. ExAccErr (Arora et al. 2022; the teacher "
+        "is the oracle) is the excess, in %, of the per-step KL accumulated on the student's "
+        "own greedy prefixes over the per-step KL on the teacher's "
+        "(kd_lightning/modules/lm_eval_stats.py). Rows without a teacher have no KL or ExAccErr.",
+    ]
+    return out
+
+
+def lm_per_seed(rows: list[dict[str, Any]]) -> list[str]:
+    """Per-seed held-out NLL of the student rows (from ``per_seed``), when seeds > 1."""
+    students = [r for r in rows if r["kind"] != "teacher" and r.get("per_seed_nll")]
+    if not students or max(r["n_seeds"] for r in students) < 2:
+        return []
+    seeds = sorted({s for r in students for s in r["seeds"]})
+    out = ["", "Per-seed held-out NLL (nats/token), best-val checkpoint:", "",
+           "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|" + "---|" * len(seeds)]
+    for r in students:
+        by_seed = dict(zip(r["seeds"], r["per_seed_nll"], strict=True))
+        out.append(f"| {r['name']} | " + " | ".join(
+            "—" if by_seed.get(s) is None else f"{by_seed[s]:.3f}" for s in seeds) + " |")
     return out
 
 
 def text_table(rows: list[dict[str, Any]]) -> str:
     """The results table for the terminal (fixed-width columns)."""
+    if lm_only(rows):
+        return "\n".join(lm_table(rows)[1:])
     cells = [list(TABLE_HEADER), *table_cells(rows)]
     widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE_HEADER))]
     out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]

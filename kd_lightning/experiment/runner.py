@@ -588,7 +588,12 @@ def _test_metrics(out: dict[str, float], which: str) -> dict[str, float | None]:
 
 
 #: what the causal-LM modules log at test (``test/<name>``), recorded as ``test_<name>_best``
-LM_METRICS = ("nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL")
+LM_METRICS = (
+    "nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL",
+    # greedy completions: mean length, distinct-1/2, ExAccErr (modules/lm_eval_stats.py)
+    "gen_len", "distinct_1", "distinct_2", "exposure_bias",
+    "teacher_gen_len", "teacher_distinct_1", "teacher_distinct_2",
+)
 
 
 @torch.inference_mode()

@@ -364,23 +364,77 @@ class _CausalLMCore:
     def on_test_epoch_end(self) -> None:
         teacher = self.teacher_model()
         self.log_eval_sums("test", self.test_sums, with_teacher=teacher is not None)
-        self.rouge_l(self.trained_model(), "test")
-        if teacher is not None:
-            self.rouge_l(teacher, "test")
+        self.generation_metrics("test", teacher)
 
     def teacher_model(self) -> nn.Module | None:
         return None
 
-    # -- generation (ROUGE-L) ------------------------------------------------------------------
+    # -- generation (ROUGE-L, length, distinct-n, exposure bias) ----------------------------------
     generate_samples: int = 0
     max_new_tokens: int = 48
 
-    def rouge_l(self, model: nn.Module, stage: str) -> None:
-        """Greedy completions of the first ``generate_samples`` held-out prompts, scored with
-        ROUGE-L F against the reference completions (the ``rouge-score`` package)."""
+    def generation_metrics(self, stage: str, teacher: nn.Module | None) -> None:
+        """Greedy completions of the first ``generate_samples`` held-out prompts by the
+        trained model (and by the teacher, when there is one), logged as ``<stage>/rougeL``
+        (ROUGE-L F against the reference completions, the ``rouge-score`` package),
+        ``gen_len``, ``distinct_1``, ``distinct_2`` (``teacher_`` for the teacher's), and with
+        a teacher ``exposure_bias``: ExAccErr (%) with the teacher as the oracle, on the
+        student's and the teacher's completions (``modules/lm_eval_stats.py``)."""
+        student = self.greedy_completions(self.trained_model(), stage)
+        if not student:
+            return
+        self.log_completion_stats(stage, "", student)
+        if teacher is None:
+            return
+        oracle = self.greedy_completions(teacher, stage)
+        self.log_completion_stats(stage, "teacher_", oracle)
+        from kd_lightning.modules.lm_eval_stats import exposure_bias
+
+        stats = exposure_bias(
+            self.prefix_kl(teacher, student), self.prefix_kl(teacher, oracle), self.max_new_tokens
+        )
+        if stats is not None:
+            self.log(f"{stage}/exposure_bias", stats["exposure_bias"], sync_dist=True)
+
+    def greedy_completions(self, model: nn.Module, stage: str) -> list[dict[str, Any]]:
+        """``[{prompt, completion (token ids before EOS), text, reference}]`` of the first
+        ``generate_samples`` prompts of ``stage``, greedy, at most ``max_new_tokens``."""
         dm = getattr(self._trainer, "datamodule", None)
         if not self.generate_samples or dm is None or not hasattr(dm, "generation_pairs"):
-            return
+            return []
+        tokenizer = dm.tokenizer
+        eos = tokenizer.eos_token_id
+        out: list[dict[str, Any]] = []
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for prompt_ids, reference in dm.generation_pairs(stage, self.generate_samples):
+                ids = torch.tensor([prompt_ids], device=self.device)
+                generated = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=self.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=eos,
+                )[0, ids.shape[1] :].tolist()
+                if eos is not None and eos in generated:
+                    generated = generated[: generated.index(eos)]
+                text = tokenizer.decode(generated, skip_special_tokens=True)
+                out.append(
+                    {
+                        "prompt": list(prompt_ids),
+                        "completion": generated,
+                        "text": text,
+                        "reference": reference,
+                    }
+                )
+        nn.Module.train(model, was_training)
+        return out
+
+    def log_completion_stats(self, stage: str, prefix: str, gens: list[dict[str, Any]]) -> None:
+        from kd_lightning.modules.lm_eval_stats import distinct_n, mean_length, words
+
         try:
             from rouge_score import rouge_scorer
         except ImportError:
@@ -389,29 +443,42 @@ class _CausalLMCore:
                 self.generate_samples,
                 'ROUGE-L needs rouge-score: pip install "kd-lightning[llm]", or set 0',
             ) from None
-
-        tokenizer = dm.tokenizer
         scorer = rouge_scorer.RougeScorer(["rougeL"])
-        scores = []
-        was_training = model.training
+        scores = [scorer.score(g["reference"], g["text"])["rougeL"].fmeasure for g in gens]
+        texts = words([g["text"] for g in gens])
+        values = {
+            "rougeL": sum(scores) / len(scores),
+            "gen_len": mean_length([g["completion"] for g in gens]),
+            "distinct_1": distinct_n(texts, 1),
+            "distinct_2": distinct_n(texts, 2),
+        }
+        for key, value in values.items():
+            if value is not None:
+                self.log(f"{stage}/{prefix}{key}", float(value), sync_dist=True)
+
+    def prefix_kl(self, teacher: nn.Module, gens: list[dict[str, Any]]) -> list[Tensor]:
+        """Per completion, KL(teacher ‖ trained model) of the next-token distributions at
+        each completion step, on the prefix prompt + the completion's earlier tokens."""
+        from kd_lightning.modules.lm_eval_stats import step_kl
+
+        model, out = self.trained_model(), []
+        was = model.training, teacher.training
         model.eval()
+        teacher.eval()
         with torch.inference_mode():
-            for prompt_ids, reference in dm.generation_pairs(stage, self.generate_samples):
-                ids = torch.tensor([prompt_ids], device=self.device)
-                out = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    do_sample=False,
-                    max_new_tokens=self.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-                scores.append(scorer.score(reference, text)["rougeL"].fmeasure)
-        nn.Module.train(model, was_training)
-        if scores:
-            key = "rougeL" if model is self.trained_model() else "teacher_rougeL"
-            self.log(f"{stage}/{key}", sum(scores) / len(scores), sync_dist=True)
+            for g in gens:
+                n, m = len(g["prompt"]), len(g["completion"])
+                if m == 0:
+                    out.append(torch.zeros(0))
+                    continue
+                ids = torch.tensor([g["prompt"] + g["completion"]], device=self.device)
+                rows = slice(n - 1, n + m - 1)  # the logits that predict the completion
+                t = teacher(input_ids=ids).logits[0, rows, : self.real_vocab]
+                s = model(input_ids=ids).logits[0, rows, : self.real_vocab]
+                out.append(step_kl(t, s).cpu())
+        nn.Module.train(model, was[0])
+        nn.Module.train(teacher, was[1])
+        return out
 
 
 def _check_vocab(num_classes: int, vocab_sizes: dict[str, int] | None) -> int:
