@@ -320,3 +320,36 @@ def test_hf_engine_samples_what_the_old_generate_loop_sampled(sampling):
     torch.manual_seed(0)
     old = _old_sample(module, module.teacher, batch, spec)
     assert [c.tolist() for c in new[1]] == [c.tolist() for c in old[1]]
+
+
+# -- the GPU check: one line without CUDA; its loop, smoke-run on CPU with hf in both seats -------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_gpu_vllm_benchmark_without_cuda_is_one_line(monkeypatch, capsys):
+    from benchmarks import gpu_vllm_onpolicy
+
+    monkeypatch.setattr(sys, "argv", ["gpu_vllm_onpolicy"])
+    with pytest.raises(SystemExit) as info:
+        gpu_vllm_onpolicy.main()
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and "kd-lightning[vllm]" in err
+
+
+def test_gpu_vllm_benchmark_smoke_on_cpu(monkeypatch, tmp_path):
+    from benchmarks import gpu_vllm_onpolicy
+
+    out = tmp_path / "r.json"
+    argv = ["gpu_vllm_onpolicy", "--accelerator", "cpu", "--batch", "2", "--prompt", "8"]
+    argv += ["--max-new-tokens", "4", "--warmup", "1", "--steps", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    gpu_vllm_onpolicy.main()
+    result = json.loads(out.read_text())
+    assert len(result["per_step"]) == 3 and result["provenance"]["command"].startswith(
+        "python -m benchmarks."
+    )
+    assert [r["trained_on"] for r in result["per_step"]] == ["hf", "vllm", "hf"]  # alternating
+    assert [r["first"] for r in result["per_step"]] == ["hf", "vllm", "hf"]
+    for key in ("median_step_ratio_hf_over_vllm", "median_gen_hf_s", "median_rest_s"):
+        assert 0 < result[key] < float("inf"), key
+    for when in ("before", "after"):  # the same engine in both seats: the same argmax share
+        check = result["greedy_checks"][when]
+        assert check["hf_argmax_share"] == check["vllm_argmax_share"] == 1.0, check

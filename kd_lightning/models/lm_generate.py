@@ -298,12 +298,15 @@ class VLLMGenerate:
         real_vocab: int,
         weights_version: Any = None,
     ) -> list[Tensor]:
-        if self.llm is None:
-            self._build(model, spec)
-        self.sync(model, weights_version)
         rows = model.get_output_embeddings().weight.shape[0]
-        params = self._vllm.SamplingParams(**vllm_sampling_kwargs(spec, eos_id, real_vocab, rows))
-        outputs = self.llm.generate(vllm_prompts(ids, attention), params, use_tqdm=False)
+        params = vllm_sampling_kwargs(spec, eos_id, real_vocab, rows)
+        # vLLM picks its own dtypes: not the training step's autocast (bf16-mixed)
+        with torch.autocast(ids.device.type, enabled=False):
+            if self.llm is None:
+                self._build(model, spec)
+            self.sync(model, weights_version)
+            sampling = self._vllm.SamplingParams(**params)
+            outputs = self.llm.generate(vllm_prompts(ids, attention), sampling, use_tqdm=False)
         return vllm_completions(outputs, ids.device)
 
     def close(self) -> None:
