@@ -218,12 +218,13 @@ def test_vllm_weights_are_the_hf_names_tied_embeddings_once(tie):
 
 
 def test_vllm_llm_kwargs_write_the_models_config(tmp_path):
-    from transformers import AutoConfig
+    from transformers import AutoConfig, GenerationConfig
 
     model = _llama(tie=True).to(torch.bfloat16)
     own = model.config.architectures
     spec = OnPolicySpec(1.0, seed=7, vllm_kwargs={"gpu_memory_utilization": 0.5})
-    kwargs = vllm_llm_kwargs(model, spec, str(tmp_path))
+    model.config.eos_token_id = 2  # the config's EOS is an ordinary token of the data
+    kwargs = vllm_llm_kwargs(model, spec, str(tmp_path), eos_id=5)
     assert kwargs == {
         "model": str(tmp_path),
         "skip_tokenizer_init": True,
@@ -237,6 +238,15 @@ def test_vllm_llm_kwargs_write_the_models_config(tmp_path):
     assert config.tie_word_embeddings and config.num_hidden_layers == TINY["num_hidden_layers"]
     assert model.config.architectures == own  # a copy was written, the model's is untouched
     assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 32
+    # what vLLM reads for its extra stop ids (try_get_generation_config().to_diff_dict()):
+    # the EOS the hf engine stops at, not the config's
+    generation = GenerationConfig.from_pretrained(tmp_path).to_diff_dict()
+    assert generation["eos_token_id"] == 5
+    vllm_llm_kwargs(model, spec, str(tmp_path / "none"), eos_id=None)
+    assert (
+        GenerationConfig.from_pretrained(tmp_path / "none").to_diff_dict().get("eos_token_id")
+        is None
+    )
     assert [vllm_dtype(d) for d in (torch.float32, torch.float16, torch.bfloat16)] == [
         "bfloat16",
         "float16",

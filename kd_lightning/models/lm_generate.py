@@ -195,14 +195,25 @@ def vllm_dtype(dtype: torch.dtype) -> str:
     return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "bfloat16")
 
 
-def vllm_llm_kwargs(model: nn.Module, spec: Any, folder: str) -> dict[str, Any]:
+def vllm_llm_kwargs(
+    model: nn.Module, spec: Any, folder: str, eos_id: int | None = None
+) -> dict[str, Any]:
     """``vllm.LLM`` arguments for ``model``: its config written to ``folder`` (with its class
     as the architecture vLLM looks up), random ``dummy`` weights (``sync`` overwrites them),
     no tokenizer, the spec's seed, 0.3 of the GPU (TRL's colocate default, grpo_config.py
-    L646-L647), then ``spec.vllm_kwargs``."""
+    L646-L647), then ``spec.vllm_kwargs``.
+
+    A ``generation_config.json`` holding only ``eos_id`` is written too: without one, vLLM
+    0.34.0 makes a generation config from ``config.json`` (transformers_utils/config.py
+    ``try_get_generation_config``) and stops at *its* EOS ids as well
+    (``SamplingParams.update_from_generation_config``), which the data's tokenizer may use
+    as ordinary tokens; the ``hf`` engine stops at ``eos_id`` alone."""
+    from transformers import GenerationConfig
+
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     config.save_pretrained(folder)
+    GenerationConfig(eos_token_id=eos_id).save_pretrained(folder)
     return {
         "model": folder,
         "skip_tokenizer_init": True,
@@ -269,11 +280,11 @@ class VLLMGenerate:
         self._synced: Any = _UNSYNCED
         self.syncs = 0  # how many times the weights were copied in
 
-    def _build(self, model: nn.Module, spec: Any) -> None:
+    def _build(self, model: nn.Module, spec: Any, eos_id: int | None) -> None:
         _refuse_unsyncable(model, self.field)
         self._dir = tempfile.TemporaryDirectory(prefix="kd_vllm_")
         with _kept_rng():
-            self.llm = self._vllm.LLM(**vllm_llm_kwargs(model, spec, self._dir.name))
+            self.llm = self._vllm.LLM(**vllm_llm_kwargs(model, spec, self._dir.name, eos_id))
 
     def sync(self, model: nn.Module, version: Any) -> None:
         """Copy the model's weights into the engine unless ``version`` is the last synced
@@ -303,7 +314,7 @@ class VLLMGenerate:
         # vLLM picks its own dtypes: not the training step's autocast (bf16-mixed)
         with torch.autocast(ids.device.type, enabled=False):
             if self.llm is None:
-                self._build(model, spec)
+                self._build(model, spec, eos_id)
             self.sync(model, weights_version)
             sampling = self._vllm.SamplingParams(**params)
             outputs = self.llm.generate(vllm_prompts(ids, attention), sampling, use_tqdm=False)
