@@ -46,6 +46,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "compress": "kd_lightning.compress.pipeline:main",
     "data": "kd_lightning.data.commands:main",
     "import-teacher": "kd_lightning.import_teacher:main",
+    "lm-eval": "kd_lightning.lm_harness:main",
 }
 
 TRAINER_DEFAULTS = {
@@ -229,6 +230,7 @@ COMMAND_HELP: dict[str, str] = {
     "compress": "prune / quantise a trained student and report size and accuracy",
     "data": "data tools: `data optimize` (streaming shards), `data store-teacher` (teacher store)",
     "import-teacher": "turn a published teacher checkpoint (e.g. RepDistiller .pth) into ours",
+    "lm-eval": "run lm-eval tasks (local ones offline) on an LM checkpoint's student",
 }
 
 
