@@ -180,3 +180,29 @@ def test_same_vocabulary_heads_and_missing_teacher_tokenizer_are_refused(
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match="data.teacher_tokenizer"):  # not the teacher's own
         main(["fit", "-c", str(path)])
+
+
+def test_the_datas_byte_ends_give_the_tokenizers_aligned_span_loss(teacher):
+    """AlignedSpanLoss on a batch (byte ends from the DataModule) equals aligned_span_loss
+    computed from the two tokenizers (align.byte_spans of the targets), on random logits."""
+    from kd_lightning.data.lm import MovieReviewsLMDataModule
+    from kd_lightning.losses.lm import AlignedSpanLoss
+    from kd_lightning.losses.lm.align import aligned_span_loss
+    from kd_lightning.losses.outputs import TokenOutput
+
+    root, _ = teacher
+    dm = MovieReviewsLMDataModule(**_data(root, 400, 600)["init_args"])
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    outs = []
+    g = torch.Generator().manual_seed(0)
+    for prefix, vocab in (("", 400), ("teacher_", 600)):
+        targets = batch[f"{prefix}labels"][:, 1:]
+        logits = torch.randn(*targets.shape, vocab, generator=g, dtype=torch.float64)
+        outs.append(TokenOutput(logits, targets != -100, targets.clamp_min(0)))
+    s, t = outs
+    expected, spans = aligned_span_loss(
+        s.logits, t.logits, s.targets, t.targets, s.mask, t.mask, dm.tokenizer, dm.teacher_tokenizer
+    )
+    assert spans > 0
+    torch.testing.assert_close(AlignedSpanLoss()(s, t, batch), expected)
