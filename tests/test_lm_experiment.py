@@ -98,7 +98,7 @@ def _tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_llm_experiment_fills_the_token_store_from_its_own_teacher(tmp_path):
+def test_llm_experiment_fills_the_token_store_from_its_own_teacher(tmp_path, capsys):
     """A ``token_store`` stage's store is written from the experiment's teacher after it is
     trained, reused while that teacher stays, and rewritten (its runs re-run) when the teacher
     changes; a store the experiment did not write is refused, never deleted."""
@@ -130,6 +130,10 @@ def test_llm_experiment_fills_the_token_store_from_its_own_teacher(tmp_path):
     assert f"--model.init_args.token_store={store}" in (run / "command.txt").read_text()
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["token_stores"] == {"kd_store": str(store)}
+    # the per-run line of an LM run reports its NLL (and KL), not an empty accuracy
+    log = capsys.readouterr().out
+    assert "kd_store seed 0: test NLL " in log and "KL(teacher ‖ student)" in log
+    assert "test acc —" not in log
     rows = {r["name"]: r for r in data["rows"]}
     # the run opened the store against its teacher's fingerprint and evaluated against it
     assert rows["kd_store"]["test_nll_best_mean"] > 0 and rows["kd_store"]["test_kl_best_mean"] >= 0

@@ -491,7 +491,13 @@ class Experiment:
             ("test_acc_last", "last epoch"), ("test_acc_best_on_test", "best epoch on test"),
         ) if record.get(key) is not None]
         progress.done(record["seconds"])
-        print(f"[{self.spec.name}] {job.stage} seed {job.seed}: test acc {', '.join(parts) or '—'}"
+        what = f"test acc {', '.join(parts) or '—'}"
+        if not parts and record.get("test_nll_best") is not None:  # a causal LM: NLL, KL
+            epoch = f", epoch {record['best_epoch']}" if record.get("best_epoch") else ""
+            what = f"test NLL {record['test_nll_best']:.4f} (best-val ckpt{epoch})"
+            if record.get("test_kl_best") is not None:
+                what += f", KL(teacher ‖ student) {record['test_kl_best']:.4f}"
+        print(f"[{self.spec.name}] {job.stage} seed {job.seed}: {what}"
               f"  [{record['seconds']:.1f} s]  {progress}", flush=True)
 
 
