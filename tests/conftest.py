@@ -39,8 +39,12 @@ DEBUG_TRAINER = [
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """Every test runs in its own working directory, so relative run dirs never collide."""
+    """Every test runs in its own working directory, so relative run dirs never collide, and
+    with no rendezvous address left over from another test on this worker (Lightning's
+    SLURMEnvironment writes MASTER_ADDR into os.environ; a stale one hangs gloo for 30 min)."""
     monkeypatch.chdir(tmp_path)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
     yield
 
 

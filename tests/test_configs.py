@@ -13,9 +13,10 @@ import yaml
 from kd_lightning.cli import main
 from tests.conftest import CONFIGS, DEBUG_TRAINER, logger_args
 
-# Configs of other commands (their own parsers, tested with those commands), and the
-# reproduction configs, which tests/test_repro_configs.py parses and checks against its recipe table.
-NOT_LIGHTNING_CLI = {"experiments", "compress", "repro"}
+# Configs of other commands (their own parsers, tested with those commands: lm_eval holds
+# lm-evaluation-harness task YAMLs, tests/test_lm_eval.py), and the reproduction configs,
+# which tests/test_repro_configs.py parses and checks against its recipe table.
+NOT_LIGHTNING_CLI = {"experiments", "compress", "repro", "lm_eval"}
 
 
 def _lightning_configs() -> list[Path]:

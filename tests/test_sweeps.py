@@ -232,6 +232,16 @@ def test_grid_gives_the_same_table_on_local_and_submitit(tmp_path: Path) -> None
     assert _table(tmp_path / "sub") == b
 
 
+def _running_has_params(db: Path) -> bool:
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            query = ("select count(*) from trial_params join trials using (trial_id)"
+                     " where trials.state = 'RUNNING'")
+            return con.execute(query).fetchone()[0] > 0
+    except sqlite3.OperationalError:
+        return False
+
+
 def _states(db: Path) -> list[str]:
     if not db.is_file():
         return []
@@ -270,8 +280,9 @@ def test_search_resumes_after_kill(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            states = _states(db)
-            if "COMPLETE" in states and "RUNNING" in states:
+            # kill once the second trial has sampled (a trial killed before it sampled is
+            # failed and replaced, not retried: test_search_replaces_a_trial_cut_before_sampling)
+            if "COMPLETE" in _states(db) and _running_has_params(db):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the search ended before it could be killed"
@@ -295,6 +306,25 @@ def test_search_resumes_after_kill(tmp_path: Path) -> None:
     assert retry.params == cut.params and retry.state.name == "COMPLETE"
     md = (tmp_path / "s" / "results.md").read_text()
     assert "### Search over `kd`" in md and "Best: trial" in md
+
+
+def test_search_replaces_a_trial_cut_before_sampling(tmp_path: Path) -> None:
+    """A trial killed between its creation and its first suggest has no parameters: it is
+    failed and the sampler draws a fresh trial, none queued as its retry."""
+    import optuna
+
+    (tmp_path / "q").mkdir()
+    optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'q' / 'search.db'}", study_name="q", direction="maximize"
+    ).ask()  # RUNNING, no parameters: what a kill right after the trial's creation leaves
+    path = _spec(tmp_path, "q", search={"n_trials": 1, "parameters": {TEMPERATURE: [4.0]}})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["experiment", "-c", str(path)])
+    assert "trial 0 was cut short; it had not sampled yet" in out.getvalue()
+    trials = optuna.load_study(study_name="q", storage=f"sqlite:///{tmp_path / 'q' / 'search.db'}").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == {TEMPERATURE: 4.0} and "retry_of" not in trials[1].user_attrs
 
 
 @pytest.mark.slow  # 3 fits in-process (~27 s wall on the shared 2 cores)

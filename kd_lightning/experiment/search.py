@@ -272,16 +272,17 @@ def run_search(experiment: Any, teacher: dict[str, Any], teacher_dir: Path) -> d
     # One process drives a study (the experiment), so a trial still RUNNING when it starts
     # was cut short by a kill: fail it and queue its parameters again. (Optuna's heartbeat +
     # RetryFailedTrialCallback does the same, but only after a grace period has passed.)
+    # A trial killed before it sampled has no parameters: it is failed, and the sampler
+    # draws a fresh trial in its place (queueing {} would only repeat the sampler's draw).
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         stale = out / f"{search.stage}-trial{t.number}"
         if stale.exists():
             shutil.rmtree(stale)
-        print(
-            f"[{name}] search: trial {t.number} was cut short; its parameters are queued again",
-            flush=True,
-        )
+        again = "its parameters are queued again" if t.params else "it had not sampled yet"
+        print(f"[{name}] search: trial {t.number} was cut short; {again}", flush=True)
     base = next(s for _, s in spec.stages()[1:] if s.name == search.stage)
     merged = stage_config(spec, base)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
