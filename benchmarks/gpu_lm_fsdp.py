@@ -94,7 +94,7 @@ def batches(n: int, batch: int, length: int, vocab: int, device: str) -> list[di
 def run(setting: str, args: argparse.Namespace, teacher_dir: str) -> dict[str, Any]:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from benchmarks._common import Batches
+    from benchmarks._common import Batches, quiet_trainer
     from kd_lightning.losses.lm import TokenCrossEntropy, TokenDivergence
     from kd_lightning.modules.lm_distillation import LMDistillationModule
     from kd_lightning.modules.teacher import TeacherSpec
@@ -122,18 +122,11 @@ def run(setting: str, args: argparse.Namespace, teacher_dir: str) -> dict[str, A
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     data = batches(args.warmup + args.steps, args.batch, args.length, args.vocab, device)
     timer = Timer(args.warmup)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=args.accelerator,
-        devices=1,
         strategy=strategy,
         precision=precision,
         max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
         callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=Batches(data))

@@ -206,7 +206,7 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    from benchmarks._common import Batches, write_result
+    from benchmarks._common import Batches, quiet_trainer, write_result
     from kd_lightning.losses.lm import TokenDivergence
     from kd_lightning.modules.lm_distillation import CausalLMModule, OnPolicySpec
     from kd_lightning.modules.teacher import TeacherSpec
@@ -241,17 +241,10 @@ def main() -> None:
         data = prompt_batches(args.warmup + args.steps, args.batch, args.prompt, vocab, device)
         check = prompt_batches(1, 16, args.prompt, vocab, device, seed=1)[0]
         timer = StepTimer(check)
-        trainer = L.Trainer(
+        trainer = quiet_trainer(
             accelerator=args.accelerator,
-            devices=1,
             precision="bf16-mixed" if gpu else "32-true",
             max_steps=args.warmup + args.steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
             callbacks=[timer],
         )
         trainer.fit(module, train_dataloaders=Batches(data))

@@ -287,6 +287,7 @@ def run_kd(workdir: Path, mode: str, args: argparse.Namespace, chunk: int) -> di
     import torch
     from torch.utils.data import DataLoader
 
+    from benchmarks._common import quiet_trainer
     from kd_lightning.losses.lm import TokenDivergence
     from kd_lightning.modules.lm_distillation import LMDistillationModule
     from kd_lightning.modules.teacher import TeacherSpec
@@ -333,18 +334,7 @@ def run_kd(workdir: Path, mode: str, args: argparse.Namespace, chunk: int) -> di
     module.student.load_state_dict(torch.load(workdir / "student.pt"))
     module.student.generate = timed_generate(clock, module.student.generate)
     rss = RSSPeak().start()  # both models built, as on the TRL side
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[Tick()],
-    )
+    trainer = quiet_trainer(max_steps=args.warmup + args.steps, callbacks=[Tick()])
     trainer.fit(module, train_dataloaders=loader)
     growth = rss.stop()
     return {
