@@ -19,14 +19,9 @@ import yaml
 from kd_lightning.cli import console_main, main
 from kd_lightning.errors import ConfigError
 from tests.conftest import REPO
+from tests.helpers.lm import tiny_llama
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+TINY = tiny_llama(2)
 #: the quickstart's film split and prompt (12 val / 12 test films, seed 0, plot_chars 160)
 DATA = dict(
     vocab_size=400,

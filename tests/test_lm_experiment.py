@@ -14,23 +14,6 @@ from tests.conftest import CONFIGS
 @pytest.mark.slow
 def test_llm_quickstart_experiment_reports_lm_metrics_over_seeds(tmp_path):
     out = tmp_path / "exp"
-    tiny = {
-        "data": {
-            "init_args": {
-                "data_dir": str(tmp_path / "data"),
-                "vocab_size": 320,
-                "max_train_examples": 16,
-                "max_eval_examples": 8,
-            }
-        },
-        "model": {"init_args": {"generate_samples": 2, "max_new_tokens": 4}},
-        "trainer": {
-            "max_epochs": 1,
-            "limit_train_batches": 1,
-            "limit_val_batches": 1,
-            "limit_test_batches": 1,
-        },
-    }
     # the spec's off-policy and sequence-KD stages (the generations kept in tmp_path)
     seqkd = {"path": str(tmp_path / "seqkd.pt"), "max_new_tokens": 4}
     kd = [
@@ -48,7 +31,7 @@ def test_llm_quickstart_experiment_reports_lm_metrics_over_seeds(tmp_path):
             str(CONFIGS / "experiments" / "llm_quickstart.yaml"),
             f"--output_dir={out}",
             "--seeds=[0, 1]",
-            f"--overrides={json.dumps(tiny)}",
+            f"--overrides={json.dumps(_tiny(tmp_path))}",
             f"--kd={json.dumps(kd)}",
         ]
     )

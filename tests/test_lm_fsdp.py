@@ -24,14 +24,9 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, REPO, logger_args
+from tests.helpers.lm import tiny_llama
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+TINY = tiny_llama(2)
 DATA = {
     "vocab_size": 400,
     "max_length": 64,

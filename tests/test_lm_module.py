@@ -14,15 +14,10 @@ from kd_lightning.losses.lm import TokenCrossEntropy, TokenDivergence
 from kd_lightning.modules.frozen_teacher import FrozenTeacherModule
 from kd_lightning.modules.lm_distillation import CausalLMModule, LMDistillationModule
 from kd_lightning.modules.teacher import TeacherSpec
+from tests.helpers.lm import tiny_llama
 
 V = 64
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+TINY = tiny_llama(2)
 
 
 def _trainer(tmp_path, **kwargs):

@@ -15,14 +15,9 @@ from kd_lightning.cli import main
 from kd_lightning.errors import ConfigError
 from kd_lightning.modules.lm_distillation import LMDistillationModule, OnPolicySpec
 from kd_lightning.modules.teacher import TeacherSpec
+from tests.helpers.lm import tiny_llama
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+TINY = tiny_llama(1)
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,9 @@ from kd_lightning.modules.lm_token_store import (
     store_token_loss,
     write_token_store,
 )
+from tests.helpers.lm import tiny_llama
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+TINY = tiny_llama(1)
 
 
 @pytest.fixture(scope="module")

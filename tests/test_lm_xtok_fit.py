@@ -17,14 +17,9 @@ import yaml
 
 from kd_lightning.cli import console_main, main
 from kd_lightning.errors import ConfigError
+from tests.helpers.lm import tiny_llama
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+TINY = tiny_llama(1)
 
 
 def _data(root, vocab: int, teacher_vocab: int = 0) -> dict:
