@@ -360,8 +360,8 @@ def _mean_std(row: dict[str, Any], key: str) -> str:
 
 
 def _lm_table(rows: list[dict[str, Any]]) -> list[str]:
-    """A causal-LM experiment: held-out NLL, KL to the teacher, ROUGE-L, length, distinct-2
-    and ExAccErr of greedy completions, not accuracies."""
+    """A causal-LM experiment: held-out NLL (per token and per byte), KL to the teacher,
+    ROUGE-L, length, distinct-2 and ExAccErr of greedy completions, not accuracies."""
     def cell(r: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> str:
         mean, std = r.get(f"{key}_mean"), r.get(f"{key}_std")
         if mean in (None, ""):
@@ -369,12 +369,13 @@ def _lm_table(rows: list[dict[str, Any]]) -> list[str]:
         text = f"{scale * float(mean):.{digits}f}"
         return text if std in (None, "") else f"{text} ± {scale * float(std):.{digits}f}"
 
-    out = ["| row | kind | seeds | NLL (nats/token) | KL(teacher ‖ student) | ROUGE-L F (%) | "
-           "gen. length | distinct-2 (%) | ExAccErr (%) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| row | kind | seeds | NLL (nats/token) | bits/byte | KL(teacher ‖ student) | "
+           "ROUGE-L F (%) | gen. length | distinct-2 (%) | ExAccErr (%) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r.get('name', '')} | {r.get('kind', '')} | {r.get('n_seeds', '')} | "
-                   f"{cell(r, 'test_nll_best')} | {cell(r, 'test_kl_best')} | "
+                   f"{cell(r, 'test_nll_best')} | {cell(r, 'test_bpb_best')} | "
+                   f"{cell(r, 'test_kl_best')} | "
                    f"{cell(r, 'test_rougeL_best', 100, 1)} | {cell(r, 'test_gen_len_best', 1, 1)} | "
                    f"{cell(r, 'test_distinct_2_best', 100, 1)} | "
                    f"{cell(r, 'test_exposure_bias_best', 1, 1)} |")

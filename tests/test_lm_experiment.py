@@ -154,7 +154,8 @@ def test_token_store_stage_settings_are_checked_before_training():
     assert check_token_store({"k": 8}, "kd[0].token_store")["value_dtype"] == "float16"
     base = ["--config", str(CONFIGS / "experiments" / "llm_quickstart.yaml")]
     spec = parse_spec(base)
-    assert spec.kd[-1].name == "kd_store" and spec.kd[-1].token_store == {"k": 32}
+    stores = {s.name: s.token_store for s in spec.kd if s.token_store is not None}
+    assert stores == {"kd_store": {"k": 32}, "kd_store_full": {"k": 1024, "value_dtype": "float32"}}
     bad = [
         ({"k": 0}, "kd\\[0\\].token_store.k"),
         ({"k": 8, "dtype": "fp16"}, "kd\\[0\\].token_store"),

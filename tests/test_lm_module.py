@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import lightning as L
 import pytest
@@ -182,6 +183,28 @@ def test_teacher_student_kd_share_the_frozen_core_and_evaluate(lm_data, tmp_path
         else None
     )
     assert saved is None or saved["kd_teacher_fingerprints"] == kd.teacher_fingerprints
+    # bits per byte: the test NLL sums over the UTF-8 bytes of the decoded completions (one
+    # test batch), the teacher's on the same bytes
+    batch = next(iter(dm.test_dataloader()))
+    completion = batch["labels"][:, 1:] != -100
+    text_bytes = sum(
+        len(dm.tokenizer.decode(row[keep], skip_special_tokens=True,
+                                clean_up_tokenization_spaces=False).encode())
+        for row, keep in zip(batch["labels"][:, 1:], completion, strict=True)
+    )
+    tokens = int(completion.sum())
+    for nll, bpb in (("nll", "bpb"), ("teacher_nll", "teacher_bpb")):
+        expected = result[f"test/{nll}"] * tokens / text_bytes / math.log(2)
+        assert result[f"test/{bpb}"] == pytest.approx(expected, rel=1e-5), bpb
+
+
+def test_no_bits_per_byte_without_a_byte_level_tokenizer(tmp_path):
+    # a DataLoader without a datamodule (no tokenizer): per-token metrics only
+    module = CausalLMModule("llama", TINY, num_classes=V, generate_samples=0)
+    trainer = _trainer(tmp_path, max_steps=1, limit_val_batches=0, limit_test_batches=1)
+    trainer.fit(module, train_dataloaders=DataLoader(_Rows(), batch_size=4))
+    (result,) = trainer.test(module, DataLoader(_Rows(), batch_size=4), verbose=False)
+    assert "test/nll" in result and "test/bpb" not in result
 
 
 def test_a_teacher_of_another_tokenizer_is_refused_in_one_line(lm_data, tmp_path):

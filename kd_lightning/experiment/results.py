@@ -26,13 +26,17 @@ from typing import Any
 
 from kd_lightning.machine import machine_line
 
-#: what the causal-LM modules record (kd_lightning.experiment.runner._test_metrics)
-LM_METRICS = tuple(
-    f"test_{m}_best"
-    for m in ("nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL",
-              "gen_len", "distinct_1", "distinct_2", "exposure_bias",
-              "teacher_gen_len", "teacher_distinct_1", "teacher_distinct_2")
+#: what the causal-LM modules log at test (``test/<name>``; kd_lightning.modules.lm_distillation)
+LM_METRIC_NAMES = (
+    "nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL",
+    # bits per byte (byte-level BPE tokenizers): comparable across tokenizers
+    "bpb", "teacher_bpb",
+    # greedy completions: mean length, distinct-1/2, ExAccErr (modules/lm_eval_stats.py)
+    "gen_len", "distinct_1", "distinct_2", "exposure_bias",
+    "teacher_gen_len", "teacher_distinct_1", "teacher_distinct_2",
 )
+#: ... as the experiment records them (kd_lightning.experiment.runner._test_metrics)
+LM_METRICS = tuple(f"test_{m}_best" for m in LM_METRIC_NAMES)
 
 #: per-run metrics that are averaged over seeds (fractions in [0, 1], except KL in nats)
 METRICS = (
@@ -218,7 +222,7 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = Non
     return "\n".join(lines) + "\n"
 
 
-LM_HEADER = ("row", "kind", "NLL (nats/token)", "ppl", "KL(teacher ‖ student)",
+LM_HEADER = ("row", "kind", "NLL (nats/token)", "ppl", "bits/byte", "KL(teacher ‖ student)",
              "reverse KL", "ROUGE-L F (%)", "gen. length (tokens)", "distinct-1 (%)",
              "distinct-2 (%)", "ExAccErr (%)", "params", "seeds")
 
@@ -249,14 +253,17 @@ def lm_table(rows: list[dict[str, Any]]) -> list[str]:
            "| " + " | ".join(LM_HEADER) + " |", "|" + "---|" * len(LM_HEADER)]
     for r in lm:
         out.append("| " + " | ".join([
-            r["name"], r["kind"], cell(r, "nll"), cell(r, "ppl", digits=1), cell(r, "kl"),
+            r["name"], r["kind"], cell(r, "nll"), cell(r, "ppl", digits=1), cell(r, "bpb"),
+            cell(r, "kl"),
             cell(r, "reverse_kl"), cell(r, "rougeL", 100, 2), cell(r, "gen_len", digits=1),
             cell(r, "distinct_1", 100, 1), cell(r, "distinct_2", 100, 1),
             cell(r, "exposure_bias", digits=1), _params(r.get("params")),
             str(r["n_seeds"])]) + " |")
     out += [
         "",
-        "- NLL: mean cross-entropy per completion token of the held-out split (ppl = exp NLL); "
+        "- NLL: mean cross-entropy per completion token of the held-out split (ppl = exp NLL), "
+        "in each row's own tokens; bits/byte: the same sum per UTF-8 byte of the completions, "
+        "in log base 2 (EOS included, 0 bytes), which compares across tokenizers. "
         "KL(teacher ‖ student) and reverse KL per token against the experiment's teacher.",
         "- ROUGE-L F, generation length (tokens before EOS) and distinct-1/2 (distinct word "
         "n-grams / all n-grams over every completion; Li et al. 2016) are of greedy "

@@ -49,7 +49,7 @@ from kd_lightning.checkpoints import read_checkpoint
 from kd_lightning.errors import ConfigError
 from kd_lightning.experiment.launch import RunJob
 from kd_lightning.experiment.progress import ProgressCallback
-from kd_lightning.experiment.results import aggregate, text_table, write_results
+from kd_lightning.experiment.results import LM_METRIC_NAMES, aggregate, text_table, write_results
 from kd_lightning.experiment.spec import (
     ExperimentSpec,
     Stage,
@@ -589,17 +589,10 @@ def _test_metrics(out: dict[str, float], which: str) -> dict[str, float | None]:
         record["kl_teacher_student_best"] = pick("kl_teacher_student")
         record["teacher_test_acc"] = pick("teacher_acc")
         # causal-LM runs (kd_lightning.modules.lm_distillation): held-out NLL, KL, ROUGE-L
-        record.update({f"test_{m}_best": pick(m) for m in LM_METRICS if pick(m) is not None})
+        record.update({f"test_{m}_best": pick(m) for m in LM_METRIC_NAMES if pick(m) is not None})
     return record
 
 
-#: what the causal-LM modules log at test (``test/<name>``), recorded as ``test_<name>_best``
-LM_METRICS = (
-    "nll", "ppl", "kl", "reverse_kl", "jsd", "rougeL", "teacher_nll", "teacher_rougeL",
-    # greedy completions: mean length, distinct-1/2, ExAccErr (modules/lm_eval_stats.py)
-    "gen_len", "distinct_1", "distinct_2", "exposure_bias",
-    "teacher_gen_len", "teacher_distinct_1", "teacher_distinct_2",
-)
 
 
 @torch.inference_mode()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, cop
 from kd_lightning.modules.sharding import is_sharded, reshard_frozen
 from kd_lightning.modules.teacher import TeacherSpec, freeze, mark_untrained
 
-EVAL_SUMS = ("tokens", "nll", "teacher_nll", "kl", "reverse_kl", "jsd")
+EVAL_SUMS = ("tokens", "nll", "teacher_nll", "kl", "reverse_kl", "jsd", "bytes")
 
 
 @dataclass
@@ -307,12 +308,34 @@ class _CausalLMCore:
     def _eval_sums(self) -> nn.ModuleDict:
         return nn.ModuleDict({k: SumMetric() for k in EVAL_SUMS})
 
+    _byte_table: Tensor | None = None
+
+    def token_byte_lengths(self) -> Tensor | None:
+        """How many UTF-8 bytes each token of the data's tokenizer stands for (0 for special
+        tokens), for bits per byte; None when the data has no byte-level BPE tokenizer."""
+        if self._byte_table is None:
+            from kd_lightning.losses.lm.align import token_bytes
+
+            tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+            lengths: list[int] = []
+            if tokenizer is not None:
+                try:
+                    lengths = [len(b) for b in token_bytes(tokenizer, range(len(tokenizer)))]
+                except ConfigError:  # not byte-level (e.g. SentencePiece): no per-byte metric
+                    lengths = []
+            self._byte_table = torch.tensor(lengths, dtype=torch.float32)
+        return self._byte_table if self._byte_table.numel() else None
+
     def update_eval(
         self, sums: nn.ModuleDict, student: TokenOutput, teacher: TokenOutput | None
     ) -> None:
         mask = student.mask
         s = self._logits(student)[mask]
         sums["tokens"].update(mask.sum().float())
+        lengths = self.token_byte_lengths()
+        if lengths is not None:
+            targets = student.targets[mask].clamp_max(len(lengths) - 1)
+            sums["bytes"].update(lengths.to(mask.device)[targets].sum())
         sums["nll"].update(F.cross_entropy(s.float(), student.targets[mask], reduction="sum"))
         if teacher is not None:
             t = self._logits(teacher)[mask]
@@ -330,11 +353,18 @@ class _CausalLMCore:
 
     def log_eval_sums(self, stage: str, sums: nn.ModuleDict, with_teacher: bool) -> None:
         n = sums["tokens"].compute().clamp_min(1)
-        keys = EVAL_SUMS[1:] if with_teacher else ("nll",)
+        keys = EVAL_SUMS[1:-1] if with_teacher else ("nll",)
         values = {f"{stage}/{k}": sums[k].compute() / n for k in keys}
         values[f"{stage}/ppl"] = values[f"{stage}/nll"].exp()
         if with_teacher:
             values[f"{stage}/teacher_ppl"] = values[f"{stage}/teacher_nll"].exp()
+        # bits per UTF-8 byte of the completions: comparable across tokenizers (the EOS token's
+        # NLL counts, its bytes are 0); the teacher's on the same bytes
+        nbytes = sums["bytes"].compute() if sums["bytes"].update_called else 0
+        if nbytes > 0:
+            for k in ("nll", "teacher_nll") if with_teacher else ("nll",):
+                name = k.replace("nll", "bpb")
+                values[f"{stage}/{name}"] = sums[k].compute() / nbytes / math.log(2)
         self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
         for metric in sums.values():
             metric.reset()
