@@ -155,7 +155,12 @@ def test_token_store_stage_settings_are_checked_before_training():
     base = ["--config", str(CONFIGS / "experiments" / "llm_quickstart.yaml")]
     spec = parse_spec(base)
     stores = {s.name: s.token_store for s in spec.kd if s.token_store is not None}
-    assert stores == {"kd_store": {"k": 32}, "kd_store_full": {"k": 1024, "value_dtype": "float32"}}
+    assert stores == {
+        "kd_store": {"k": 32},
+        "kd_store_full": {"k": 1024, "value_dtype": "float32"},
+        "kd_store_drop": {"k": 32},
+        "kd_store_bucket": {"k": 32},
+    }
     bad = [
         ({"k": 0}, "kd\\[0\\].token_store.k"),
         ({"k": 8, "dtype": "fp16"}, "kd\\[0\\].token_store"),
