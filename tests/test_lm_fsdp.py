@@ -330,12 +330,6 @@ def test_slurm_fsdp_script_renders_the_multinode_fit(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         for k, v in task.items():
             mp.setenv(k, v)
-        # SLURMEnvironment.main_address/main_port write MASTER_ADDR/MASTER_PORT into os.environ;
-        # registered (set, then unset) here so the context undoes that, else a later gloo test
-        # on this xdist worker dials gpu01 and hangs for torch's 30-minute rendezvous timeout
-        for k in ("MASTER_ADDR", "MASTER_PORT"):
-            mp.setenv(k, "")
-            mp.delenv(k)
         assert SLURMEnvironment.detect()
         slurm_env = SLURMEnvironment()
         assert (

@@ -593,8 +593,6 @@ def _test_metrics(out: dict[str, float], which: str) -> dict[str, float | None]:
     return record
 
 
-
-
 @torch.inference_mode()
 def _predict(model: torch.nn.Module, dm: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities and labels on the whole test split, in the loader's order."""

@@ -28,6 +28,7 @@ sequences and the token count of the step is the generated completion tokens.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import math
@@ -55,7 +56,9 @@ from kd_lightning.modules.init_from_teacher import InitReport, InitStrategy, cop
 from kd_lightning.modules.sharding import is_sharded, reshard_frozen
 from kd_lightning.modules.teacher import TeacherSpec, freeze, mark_untrained
 
-EVAL_SUMS = ("tokens", "nll", "teacher_nll", "kl", "reverse_kl", "jsd", "bytes")
+#: per-token means at eval (teacher_nll and the divergences need a teacher of the same tokenizer)
+PER_TOKEN = ("nll", "teacher_nll", "kl", "reverse_kl", "jsd")
+EVAL_SUMS = ("tokens", "bytes", *PER_TOKEN)
 
 
 @dataclass
@@ -319,10 +322,8 @@ class _CausalLMCore:
             tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
             lengths: list[int] = []
             if tokenizer is not None:
-                try:
+                with contextlib.suppress(ConfigError):  # not byte-level (e.g. SentencePiece)
                     lengths = [len(b) for b in token_bytes(tokenizer, range(len(tokenizer)))]
-                except ConfigError:  # not byte-level (e.g. SentencePiece): no per-byte metric
-                    lengths = []
             self._byte_table = torch.tensor(lengths, dtype=torch.float32)
         return self._byte_table if self._byte_table.numel() else None
 
@@ -334,8 +335,7 @@ class _CausalLMCore:
         sums["tokens"].update(mask.sum().float())
         lengths = self.token_byte_lengths()
         if lengths is not None:
-            targets = student.targets[mask].clamp_max(len(lengths) - 1)
-            sums["bytes"].update(lengths.to(mask.device)[targets].sum())
+            sums["bytes"].update(lengths.to(mask.device)[student.targets[mask]].sum())
         sums["nll"].update(F.cross_entropy(s.float(), student.targets[mask], reduction="sum"))
         if teacher is not None:
             t = self._logits(teacher)[mask]
@@ -353,7 +353,7 @@ class _CausalLMCore:
 
     def log_eval_sums(self, stage: str, sums: nn.ModuleDict, with_teacher: bool) -> None:
         n = sums["tokens"].compute().clamp_min(1)
-        keys = EVAL_SUMS[1:-1] if with_teacher else ("nll",)
+        keys = PER_TOKEN if with_teacher else ("nll",)
         values = {f"{stage}/{k}": sums[k].compute() / n for k in keys}
         values[f"{stage}/ppl"] = values[f"{stage}/nll"].exp()
         if with_teacher:
